@@ -1,0 +1,52 @@
+"""Server-Sent Events for FastAPI: channels, broadcasting, replay and heartbeats."""
+
+from fastapi_sse.backends import Backend, MemoryBackend, Message, Replay
+from fastapi_sse.client import DisconnectReason, SSEClient
+from fastapi_sse.dependencies import SSEDep, get_sse, get_sse_from_app, sse_lifespan
+from fastapi_sse.errors import (
+    BackendError,
+    BadRequestError,
+    InvalidChannelError,
+    InvalidEventError,
+    LimitExceededError,
+    ServiceNotRunningError,
+    SettingsError,
+    SSEError,
+)
+from fastapi_sse.response import SSEResponse
+from fastapi_sse.router import allow_all, create_sse_router
+from fastapi_sse.service import ALL_CHANNEL, GAP_EVENT, SSEService
+from fastapi_sse.settings import SSESettings, load_settings
+from fastapi_sse.stats import ConnectionStats
+from fastapi_sse.wire import Text
+
+__all__ = [
+    "ALL_CHANNEL",
+    "GAP_EVENT",
+    "Backend",
+    "BackendError",
+    "BadRequestError",
+    "ConnectionStats",
+    "DisconnectReason",
+    "InvalidChannelError",
+    "InvalidEventError",
+    "LimitExceededError",
+    "MemoryBackend",
+    "Message",
+    "Replay",
+    "SSEClient",
+    "SSEDep",
+    "SSEError",
+    "SSEResponse",
+    "SSEService",
+    "SSESettings",
+    "ServiceNotRunningError",
+    "SettingsError",
+    "Text",
+    "allow_all",
+    "create_sse_router",
+    "get_sse",
+    "get_sse_from_app",
+    "load_settings",
+    "sse_lifespan",
+]

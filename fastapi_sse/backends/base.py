@@ -1,0 +1,90 @@
+"""The backend contract: move bytes between processes and keep history with ids.
+
+A backend knows nothing of clients, SSE framing, heartbeats or JSON. It gives each
+published message a sequence number, increasing across every channel, hands
+messages of the channels this process listens to back to the service, and answers
+"what came on these channels after sequence N".
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One published event as a backend stores and delivers it."""
+
+    seq: int
+    """Position in the backend's single sequence, increasing across channels."""
+    channel: str
+    id: str
+    """The id the client sees: the publisher's own, or ``str(seq)``."""
+    payload: bytes
+    """Opaque bytes given to :meth:`Backend.publish`."""
+
+
+@dataclass(frozen=True, slots=True)
+class Replay:
+    """The answer to :meth:`Backend.replay`."""
+
+    messages: Sequence[Message]
+    """Messages after the cursor on the continuous channels, in sequence order."""
+    head: int
+    """The newest sequence number when the replay was read."""
+    gaps: frozenset[str] = field(default_factory=frozenset)
+    """Channels whose history no longer reaches back to the cursor."""
+
+
+Deliver = Callable[[Message], None]
+
+
+class Backend(ABC):
+    """Base class of backends. Subclasses implement the abstract methods."""
+
+    remote: bool = False
+    """True when messages arrive asynchronously from another process, so the
+    service must wait for :meth:`listen` before reading history."""
+
+    @abstractmethod
+    async def start(self, deliver: Deliver) -> None:
+        """Connect; from now on call ``deliver`` for every message on a listened channel."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Disconnect and release every resource."""
+
+    @abstractmethod
+    async def listen(self, channels: Collection[str]) -> None:
+        """Start delivering these channels to this process; return once they are live."""
+
+    @abstractmethod
+    async def unlisten(self, channels: Collection[str]) -> None:
+        """Stop delivering these channels to this process."""
+
+    @abstractmethod
+    async def publish(self, channel: str, payload: bytes, event_id: str | None, *, store: bool) -> Message:
+        """Assign the next sequence number, keep the message in the channel's history
+        if ``store``, and deliver it to every process listening to ``channel``; storing
+        and announcing are one atomic step."""
+
+    @abstractmethod
+    async def head(self) -> int:
+        """The newest sequence number assigned (0 before the first)."""
+
+    @abstractmethod
+    async def resolve(self, event_id: str) -> int | None:
+        """The sequence number of a stored message with this id (a publisher's id or
+        the decimal form of a sequence number), or None when it is unknown."""
+
+    @abstractmethod
+    async def replay(self, channels: Collection[str], after: int | None) -> Replay:
+        """Stored messages with ``seq > after`` on ``channels``. A channel whose history
+        was trimmed past ``after`` is reported in ``gaps`` and its messages left out;
+        ``after=None`` (an unknown cursor) makes every channel a gap."""
+
+    def publish_nowait(self, channel: str, payload: bytes, event_id: str | None, *, store: bool) -> Message | None:
+        """Publish synchronously when the backend can (in-process ones); None otherwise."""
+        return None

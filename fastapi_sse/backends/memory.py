@@ -1,0 +1,122 @@
+"""The in-process backend: history in memory, delivery by direct call."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Collection
+
+from fastapi_sse.backends.base import Backend, Deliver, Message, Replay
+
+
+class _History:
+    __slots__ = ("entries", "trimmed_upto")
+
+    def __init__(self) -> None:
+        self.entries: deque[tuple[float, Message]] = deque()
+        self.trimmed_upto = 0
+
+
+class MemoryBackend(Backend):
+    """Keeps the last ``history_size`` messages of each channel for ``history_ttl`` seconds."""
+
+    def __init__(self, *, history_size: int = 1000, history_ttl: float = 3600.0) -> None:
+        self._size = history_size
+        self._ttl = history_ttl
+        self._seq = 0
+        self._deliver: Deliver | None = None
+        self._history: dict[str, _History] = {}
+        self._ids: dict[str, int] = {}
+        # Highest seq of any channel whose history was dropped whole; a cursor older
+        # than this may have missed events on a channel we no longer know.
+        self._forgotten_upto = 0
+
+    async def start(self, deliver: Deliver) -> None:
+        self._deliver = deliver
+
+    async def close(self) -> None:
+        self._deliver = None
+
+    async def listen(self, channels: Collection[str]) -> None:
+        return None
+
+    async def unlisten(self, channels: Collection[str]) -> None:
+        return None
+
+    async def publish(self, channel: str, payload: bytes, event_id: str | None, *, store: bool) -> Message:
+        return self.publish_nowait(channel, payload, event_id, store=store)
+
+    def publish_nowait(self, channel: str, payload: bytes, event_id: str | None, *, store: bool) -> Message:
+        self._seq += 1
+        message = Message(self._seq, channel, event_id or str(self._seq), payload)
+        if store and self._size:
+            history = self._history.get(channel)
+            if history is None:
+                history = self._history[channel] = _History()
+            history.entries.append((time.monotonic(), message))
+            if event_id is not None:
+                self._ids[event_id] = message.seq
+            if len(history.entries) > self._size:
+                self._drop_oldest(history)
+        if self._deliver is not None:
+            self._deliver(message)
+        return message
+
+    async def head(self) -> int:
+        return self._seq
+
+    async def resolve(self, event_id: str) -> int | None:
+        seq = self._ids.get(event_id)
+        if seq is not None:
+            return seq
+        if event_id.isascii() and event_id.isdigit():
+            value = int(event_id)
+            return value if value <= self._seq else None
+        return None
+
+    async def replay(self, channels: Collection[str], after: int | None) -> Replay:
+        deadline = time.monotonic() - self._ttl
+        for channel in channels:
+            self._expire(channel, deadline)
+        if after is None:
+            return Replay((), self._seq, frozenset(channels))
+        found: list[Message] = []
+        gaps = set()
+        for channel in channels:
+            history = self._history.get(channel)
+            if history is None:
+                if after < self._forgotten_upto:
+                    gaps.add(channel)
+                continue
+            if history.trimmed_upto > after:
+                gaps.add(channel)
+                continue
+            # Entries are in seq order: walk back from the newest.
+            for _, message in reversed(history.entries):
+                if message.seq <= after:
+                    break
+                found.append(message)
+        found.sort(key=lambda m: m.seq)
+        return Replay(found, self._seq, frozenset(gaps))
+
+    def expire(self) -> None:
+        """Drop messages older than the history TTL, and channels left empty."""
+        deadline = time.monotonic() - self._ttl
+        for channel in list(self._history):
+            self._expire(channel, deadline)
+
+    def _expire(self, channel: str, deadline: float) -> None:
+        history = self._history.get(channel)
+        if history is None:
+            return
+        while history.entries and history.entries[0][0] < deadline:
+            self._drop_oldest(history)
+        if not history.entries:
+            self._forgotten_upto = max(self._forgotten_upto, history.trimmed_upto)
+            del self._history[channel]
+
+    def _drop_oldest(self, history: _History) -> None:
+        _, message = history.entries.popleft()
+        history.trimmed_upto = message.seq
+        if message.id != str(message.seq) and self._ids.get(message.id) == message.seq:
+            del self._ids[message.id]

@@ -1,0 +1,190 @@
+"""One connected client: its channels and its bounded buffer of unsent bytes."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fastapi_sse.settings import OverflowPolicy
+
+
+class Frame:
+    """Encoded bytes shared by every client that receives one event."""
+
+    __slots__ = ("channel", "data", "seq")
+
+    def __init__(self, seq: int, channel: str, data: bytes) -> None:
+        self.seq = seq
+        self.channel = channel
+        self.data = data
+
+
+class DisconnectReason:
+    """Why a client's stream ended, as counted in stats."""
+
+    CLIENT_CLOSED = "client_closed"
+    REMOVED = "removed"
+    REPLACED = "replaced"
+    SLOW_CONSUMER = "slow_consumer"
+    SHUTDOWN = "shutdown"
+    NEVER_STARTED = "never_started"
+
+
+class SSEClient:
+    """A client of the service, as ``add_client`` returns it.
+
+    ``channels`` lists the channels it is subscribed to; send to it with
+    ``send_to(client.id, ...)``. Its buffer is bounded in bytes; what happens when
+    it fills is the ``overflow_policy`` setting.
+    """
+
+    __slots__ = (
+        "_buffer",
+        "_buffered",
+        "_floor",
+        "_limit",
+        "_policy",
+        "_replayed",
+        "_task",
+        "_waiter",
+        "attached",
+        "channels",
+        "close_reason",
+        "closed",
+        "created_at",
+        "dropped",
+        "id",
+        "identity",
+        "last_event_id",
+        "last_write",
+        "on_overflow",
+        "sending",
+    )
+
+    def __init__(
+        self,
+        client_id: str,
+        *,
+        created_at: datetime,
+        last_event_id: str | None,
+        identity: str | None,
+        buffer_limit: int,
+        policy: OverflowPolicy,
+    ) -> None:
+        self.id = client_id
+        self.channels: set[str] = set()
+        self.created_at = created_at
+        self.last_event_id = last_event_id
+        self.identity = identity
+        self.attached = False
+        self.closed = False
+        self.close_reason: str | None = None
+        self.sending = False
+        self.last_write = 0.0
+        self.dropped = 0
+        self._buffer: deque[Frame] = deque()
+        self._buffered = 0
+        self._limit = buffer_limit
+        self._policy = policy
+        self._waiter: asyncio.Future[None] | None = None
+        self._task: asyncio.Task[None] | None = None
+        # During a resume, live events up to the replayed head on the replayed
+        # channels are already in the replay: skip them.
+        self._floor = 0
+        self._replayed: frozenset[str] = frozenset()
+        # Set by the service: called with the number of frames dropped, 0 meaning
+        # "disconnect this client".
+        self.on_overflow: Callable[[SSEClient, int], None] | None = None
+
+    def __repr__(self) -> str:
+        return f"SSEClient(id={self.id!r}, channels={sorted(self.channels)!r})"
+
+    def push(self, frame: Frame) -> None:
+        """Queue a frame for this client; never blocks."""
+        if self.closed:
+            return
+        if frame.seq <= self._floor and frame.channel in self._replayed:
+            return
+        size = len(frame.data)
+        if self._buffered + size > self._limit and not self._overflow(size):
+            return
+        self._buffer.append(frame)
+        self._buffered += size
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _overflow(self, size: int) -> bool:
+        """Apply the overflow policy; True when the new frame may still be queued."""
+        policy = self._policy
+        if policy == "drop_newest" or (policy == "drop_oldest" and size > self._limit):
+            self._count_drop(1)
+            return False
+        if policy == "drop_oldest":
+            dropped = 0
+            while self._buffer and self._buffered + size > self._limit:
+                self._buffered -= len(self._buffer.popleft().data)
+                dropped += 1
+            self._count_drop(dropped)
+            return True
+        if self.on_overflow is not None:
+            self.on_overflow(self, 0)
+        return False
+
+    def _count_drop(self, count: int) -> None:
+        self.dropped += count
+        if self.on_overflow is not None:
+            self.on_overflow(self, count)
+
+    def take(self) -> tuple[bytes, int]:
+        """Everything buffered, as one chunk, and the number of frames in it."""
+        buffer = self._buffer
+        count = len(buffer)
+        if not buffer[0].seq:
+            count -= 1  # a heartbeat, only ever queued first into an empty buffer
+        chunk = buffer.popleft().data if len(buffer) == 1 else b"".join([f.data for f in buffer])
+        buffer.clear()
+        self._buffered = 0
+        return chunk, count
+
+    def take_frames(self) -> list[Frame]:
+        frames = list(self._buffer)
+        self._buffer.clear()
+        self._buffered = 0
+        return frames
+
+    @property
+    def buffered_bytes(self) -> int:
+        return self._buffered
+
+    def wait(self) -> asyncio.Future[None]:
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiter = waiter
+        return waiter
+
+    def wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def mark_closed(self, reason: str, *, discard: bool) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.close_reason = reason
+        if discard:
+            self._buffer.clear()
+            self._buffered = 0
+            # A writer stuck in a send to a client that stopped reading would
+            # wait for ever: cancel it.
+            if self.sending and self._task is not None:
+                self._task.cancel()
+        self.wake()

@@ -1,0 +1,678 @@
+"""The SSE service: the seed's API, fan-out, limits, stats and lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import logging
+import math
+import re
+import signal
+import threading
+import uuid
+from collections import Counter, deque
+from datetime import UTC, datetime
+from types import FrameType
+from typing import Any
+
+from fastapi_sse import wire
+from fastapi_sse.backends.base import Backend, Message
+from fastapi_sse.backends.memory import MemoryBackend
+from fastapi_sse.client import DisconnectReason, Frame, SSEClient
+from fastapi_sse.errors import (
+    BackendError,
+    BadRequestError,
+    InvalidChannelError,
+    InvalidEventError,
+    LimitExceededError,
+    ServiceNotRunningError,
+)
+from fastapi_sse.response import SSEResponse
+from fastapi_sse.settings import SSESettings, load_settings
+from fastapi_sse.stats import ConnectionStats, Counters
+
+logger = logging.getLogger("fastapi_sse")
+
+ALL_CHANNEL = "$all"
+"""Internal channel every client listens to; :meth:`SSEService.broadcast_all` uses it."""
+CLIENT_CHANNEL_PREFIX = "$client:"
+"""Internal per-client channel; :meth:`SSEService.send_to` uses it."""
+
+GAP_EVENT = "gap"
+"""Name of the event a resuming client gets when history no longer covers its cursor."""
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _client_channel(client_id: str) -> str:
+    return CLIENT_CHANNEL_PREFIX + client_id
+
+
+class SSEService:
+    """Server-Sent Events for one application: clients, channels, broadcasting.
+
+    Build it with :class:`SSESettings` (read from ``SSE_*`` variables when omitted),
+    start it with ``async with`` (or let :func:`create_sse_router`'s lifespan do it),
+    and reach it in handlers through ``Depends(get_sse)``.
+
+    Every publishing method (:meth:`broadcast`, :meth:`broadcast_all`,
+    :meth:`send_to`) works without ``await`` from async handlers, sync handlers,
+    background tasks and other threads; the data is validated and encoded in the
+    caller's thread, so a bad event raises right there. The ``publish*`` coroutines
+    do the same and return once the backend has accepted (and stored) the event.
+    """
+
+    def __init__(self, settings: SSESettings | None = None, *, backend: Backend | None = None) -> None:
+        self.settings = settings if settings is not None else load_settings()
+        self.backend = backend if backend is not None else _make_backend(self.settings)
+        self.worker_id = uuid.uuid4().hex[:12]
+        self._channel_re = re.compile(self.settings.channel_pattern)
+        self._clients: dict[str, SSEClient] = {}
+        self._channels: dict[str, dict[str, SSEClient]] = {}
+        self._identities: dict[str, dict[str, SSEClient]] = {}
+        self._counters = Counters()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
+        self._running = False
+        self._closing = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._no_clients = asyncio.Event()
+        self._no_clients.set()
+        self._outbox: deque[tuple[str, bytes, str | None, bool]] = deque()
+        self._outbox_wake = asyncio.Event()
+        self._interest_pending: dict[str, bool] = {}
+        self._interest_synced = asyncio.Condition()
+        self._interest_generation = 0
+        self._interest_done = 0
+        self._interest_wake = asyncio.Event()
+        self._previous_handlers: dict[int, Any] = {}
+        self._retry_frame = wire.retry_frame(self.settings.retry_interval)
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect the backend and start the heartbeat; called by the lifespan."""
+        if self._running:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        await self.backend.start(self._deliver)
+        self._running = True
+        self._closing = False
+        self._spawn(self._heartbeat())
+        if self.backend.remote:
+            self._spawn(self._drain_outbox())
+            self._spawn(self._sync_interest())
+
+    async def aclose(self, grace: float = 5.0) -> None:
+        """End every stream, wait up to ``grace`` seconds for them, stop the backend."""
+        if not self._running:
+            return
+        self.shutdown()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace):
+                await self._no_clients.wait()
+        for client in list(self._clients.values()):
+            self._close(client, DisconnectReason.SHUTDOWN, discard=True)
+        await self._flush_outbox(grace)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.backend.close()
+        self._running = False
+        self.restore_signal_handlers()
+
+    async def __aenter__(self) -> SSEService:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    def shutdown(self) -> None:
+        """Close every connection: each stream sends what it has buffered, then ends.
+
+        New connections are refused from now on. Browsers reconnect after the retry
+        interval (to another worker, or to this one once it is back) and replay.
+        """
+        self._closing = True
+        for client in list(self._clients.values()):
+            self._close(client, DisconnectReason.SHUTDOWN, discard=False)
+
+    def install_signal_handlers(self) -> None:
+        """Close all streams as soon as SIGINT or SIGTERM arrives, then let the server's
+        own handler run. Without this, uvicorn waits for open streams before it runs
+        the app's shutdown. Does nothing outside the main thread."""
+        if threading.current_thread() is not threading.main_thread() or self._previous_handlers:
+            return
+        loop = self._loop
+        for sig in _SIGNALS:
+            previous = signal.getsignal(sig)
+
+            def handler(signum: int, frame: FrameType | None, previous: Any = previous) -> None:
+                if loop is not None and not loop.is_closed():
+                    loop.call_soon_threadsafe(self.shutdown)
+                if callable(previous):
+                    previous(signum, frame)
+                elif previous == signal.default_int_handler:  # pragma: no cover
+                    raise KeyboardInterrupt
+
+            self._previous_handlers[sig] = previous
+            signal.signal(sig, handler)
+
+    def restore_signal_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig, previous in self._previous_handlers.items():
+            signal.signal(sig, previous)
+        self._previous_handlers.clear()
+
+    # -- clients --------------------------------------------------------------------
+
+    def add_client(
+        self, last_event_id: str | None = None, *, identity: str | None = None
+    ) -> tuple[SSEClient, SSEResponse]:
+        """Create a client and the response that streams to it.
+
+        ``last_event_id`` (the ``Last-Event-ID`` header or query parameter) makes the
+        stream replay what the client missed on every channel it is subscribed to
+        before the response starts. ``identity`` (e.g. the user id) applies
+        ``max_connections_per_identity``. Raises :class:`LimitExceededError` (an
+        ``HTTPException``) when a limit refuses the connection.
+        """
+        self._require_running()
+        settings = self.settings
+        if self._closing:
+            raise LimitExceededError(
+                "shutdown", "the server is shutting down", 503, retry_after=math.ceil(settings.retry_interval)
+            )
+        if last_event_id is not None:
+            try:
+                wire.check_last_event_id(last_event_id, settings.max_last_event_id_length)
+            except ValueError as exc:
+                raise BadRequestError(str(exc)) from None
+            last_event_id = last_event_id or None
+        if len(self._clients) >= settings.max_connections:
+            self._counters.refused["max_connections"] += 1
+            raise LimitExceededError(
+                "max_connections",
+                f"too many open streams (max_connections={settings.max_connections})",
+                503,
+                retry_after=math.ceil(settings.retry_interval),
+            )
+        if identity is not None:
+            existing = self._identities.get(identity)
+            if existing is not None and len(existing) >= settings.max_connections_per_identity:
+                if settings.identity_limit_policy == "refuse":
+                    self._counters.refused["max_connections_per_identity"] += 1
+                    raise LimitExceededError(
+                        "max_connections_per_identity",
+                        f"too many open streams for this user "
+                        f"(max_connections_per_identity={settings.max_connections_per_identity})",
+                        429,
+                    )
+                while len(existing) >= settings.max_connections_per_identity:
+                    oldest = next(iter(existing.values()))
+                    self._close(oldest, DisconnectReason.REPLACED, discard=False)
+        client = SSEClient(
+            f"{self.worker_id}.{uuid.uuid4().hex}",
+            created_at=datetime.now(UTC),
+            last_event_id=last_event_id,
+            identity=identity,
+            buffer_limit=settings.max_buffer_bytes,
+            policy=settings.overflow_policy,
+        )
+        client.on_overflow = self._on_overflow
+        self._clients[client.id] = client
+        self._no_clients.clear()
+        if identity is not None:
+            self._identities.setdefault(identity, {})[client.id] = client
+        self._join(client, ALL_CHANNEL)
+        self._join(client, _client_channel(client.id))
+        self._counters.connects += 1
+        return client, SSEResponse(client, self)
+
+    def remove_client(self, client_id: str) -> bool:
+        """Disconnect a client: its stream sends what is buffered, then ends."""
+        client = self._clients.get(client_id)
+        if client is None:
+            return False
+        self._close(client, DisconnectReason.REMOVED, discard=False)
+        return True
+
+    def get_client(self, client_id: str) -> SSEClient | None:
+        """The connected client with this id, or None."""
+        return self._clients.get(client_id)
+
+    def get_clients(self) -> list[SSEClient]:
+        """Every client connected to this process, oldest first."""
+        return list(self._clients.values())
+
+    def get_clients_by_channel(self, channel: str) -> list[SSEClient]:
+        """Clients of this process subscribed to ``channel``, oldest subscription first."""
+        members = self._channels.get(channel)
+        return list(members.values()) if members else []
+
+    def subscribe(self, client_id: str, channel: str) -> bool:
+        """Subscribe a client to a channel; False when there is no such client.
+
+        Raises :class:`InvalidChannelError` for a malformed name and
+        :class:`LimitExceededError` past ``max_channels_per_connection``.
+        """
+        self.check_channel(channel)
+        client = self._clients.get(client_id)
+        if client is None:
+            return False
+        if channel in client.channels:
+            return True
+        limit = self.settings.max_channels_per_connection
+        if len(client.channels) >= limit:
+            raise LimitExceededError(
+                "max_channels_per_connection",
+                f"a stream may subscribe to at most {limit} channels (max_channels_per_connection)",
+                400,
+            )
+        client.channels.add(channel)
+        self._join(client, channel)
+        return True
+
+    def unsubscribe(self, client_id: str, channel: str) -> bool:
+        """Unsubscribe a client from a channel; False when it was not subscribed."""
+        client = self._clients.get(client_id)
+        if client is None or channel not in client.channels:
+            return False
+        client.channels.discard(channel)
+        self._leave(client, channel)
+        return True
+
+    # -- publishing -----------------------------------------------------------------
+
+    def broadcast(self, channel: str, event: str, data: Any, id: str | None = None) -> None:
+        """Send an event to every subscriber of ``channel``, on every worker."""
+        self.check_channel(channel)
+        self._publish_nowait(channel, self._encode(event, data, id), id, store=True)
+
+    def broadcast_all(self, event: str, data: Any, id: str | None = None) -> None:
+        """Send an event to every connected client."""
+        self._publish_nowait(ALL_CHANNEL, self._encode(event, data, id), id, store=True)
+
+    def send_to(self, client_id: str, event: str, data: Any, id: str | None = None) -> bool:
+        """Send an event to one client; False when this process has no such client."""
+        payload = self._encode(event, data, id)
+        if client_id not in self._clients:
+            return False
+        self._publish_nowait(_client_channel(client_id), payload, id, store=False)
+        return True
+
+    async def publish(self, channel: str, event: str, data: Any, id: str | None = None) -> str:
+        """Like :meth:`broadcast`, but return the event's id once the backend has
+        stored and announced it; raises :class:`BackendError` when it cannot."""
+        self.check_channel(channel)
+        return await self._publish(channel, self._encode(event, data, id), id, store=True)
+
+    async def publish_all(self, event: str, data: Any, id: str | None = None) -> str:
+        """Like :meth:`broadcast_all`, awaited; returns the event's id."""
+        return await self._publish(ALL_CHANNEL, self._encode(event, data, id), id, store=True)
+
+    async def publish_to(self, client_id: str, event: str, data: Any, id: str | None = None) -> str | None:
+        """Like :meth:`send_to`, awaited; returns the event's id, or None for an unknown client."""
+        payload = self._encode(event, data, id)
+        if client_id not in self._clients:
+            return None
+        return await self._publish(_client_channel(client_id), payload, id, store=False)
+
+    def check_channel(self, channel: str) -> str:
+        """Raise :class:`InvalidChannelError` unless ``channel`` is a valid name."""
+        settings = self.settings
+        if not isinstance(channel, str) or not channel:
+            raise InvalidChannelError(f"channel must be a non-empty string, got {channel!r}")
+        if len(channel) > settings.max_channel_length:
+            raise InvalidChannelError(
+                f"channel name is {len(channel)} characters, more than max_channel_length={settings.max_channel_length}"
+            )
+        if not self._channel_re.fullmatch(channel):
+            raise InvalidChannelError(
+                f"channel {channel!r} does not match the allowed pattern {settings.channel_pattern!r}"
+            )
+        return channel
+
+    # -- stats ------------------------------------------------------------------------
+
+    def stats(self) -> ConnectionStats:
+        """Connection statistics of this process (the seed's admin view, and more)."""
+        clients = self._clients.values()
+        by_channel: Counter[str] = Counter()
+        for client in clients:
+            by_channel.update(client.channels)
+        counters = self._counters
+        return ConnectionStats(
+            scope="worker",
+            worker_id=self.worker_id,
+            backend=self.settings.backend,
+            total_connections=len(self._clients),
+            by_channel=dict(by_channel),
+            oldest_connection=min((c.created_at for c in clients), default=None),
+            connects=counters.connects,
+            disconnects=dict(counters.disconnects),
+            refused=dict(counters.refused),
+            events_published=counters.published,
+            events_sent=counters.events_sent,
+            bytes_sent=counters.bytes_sent,
+            events_dropped=counters.dropped,
+            slow_consumer_disconnects=counters.disconnects.get(DisconnectReason.SLOW_CONSUMER, 0),
+            resumes=counters.resumes,
+            resume_gaps=counters.resume_gaps,
+            publish_failures=counters.publish_failures,
+            pending_publishes=len(self._outbox),
+        )
+
+    async def cluster_stats(self) -> ConnectionStats:
+        """Statistics of every worker sharing the backend; this worker's alone when
+        the backend is in-process (then ``scope`` is ``worker``)."""
+        return self.stats()
+
+    # -- internals: registry --------------------------------------------------------
+
+    def _join(self, client: SSEClient, channel: str) -> None:
+        members = self._channels.get(channel)
+        if members is None:
+            members = self._channels[channel] = {}
+            self._interest(channel, True)
+        members[client.id] = client
+
+    def _leave(self, client: SSEClient, channel: str) -> None:
+        members = self._channels.get(channel)
+        if members is None:
+            return
+        members.pop(client.id, None)
+        if not members:
+            del self._channels[channel]
+            self._interest(channel, False)
+
+    def _close(self, client: SSEClient, reason: str, *, discard: bool) -> None:
+        """Remove a client from every registry and tell its stream to end."""
+        if self._clients.pop(client.id, None) is None:
+            return
+        for channel in client.channels:
+            self._leave(client, channel)
+        self._leave(client, ALL_CHANNEL)
+        self._leave(client, _client_channel(client.id))
+        if client.identity is not None:
+            mine = self._identities.get(client.identity)
+            if mine is not None:
+                mine.pop(client.id, None)
+                if not mine:
+                    del self._identities[client.identity]
+        self._counters.disconnects[reason] += 1
+        client.mark_closed(reason, discard=discard)
+        if not self._clients:
+            self._no_clients.set()
+
+    def _on_overflow(self, client: SSEClient, dropped: int) -> None:
+        if dropped:
+            self._counters.dropped += dropped
+            logger.warning(
+                "client %s is reading too slowly: dropped %d event(s) (overflow_policy=%s)",
+                client.id,
+                dropped,
+                self.settings.overflow_policy,
+            )
+            return
+        logger.warning(
+            "client %s is reading too slowly: disconnected after %d buffered bytes; it will reconnect and replay",
+            client.id,
+            client.buffered_bytes,
+        )
+        self._close(client, DisconnectReason.SLOW_CONSUMER, discard=True)
+
+    def _interest(self, channel: str, listen: bool) -> None:
+        if self.backend.remote:
+            self._interest_pending[channel] = listen
+            self._interest_generation += 1
+            self._interest_wake.set()
+
+    async def _sync_interest(self) -> None:
+        """Tell a remote backend which channels this process needs, in batches."""
+        while True:
+            await self._interest_wake.wait()
+            self._interest_wake.clear()
+            pending, self._interest_pending = self._interest_pending, {}
+            generation = self._interest_generation
+            listen = [c for c, on in pending.items() if on]
+            unlisten = [c for c, on in pending.items() if not on and c not in self._channels]
+            try:
+                if unlisten:
+                    await self.backend.unlisten(unlisten)
+                if listen:
+                    await self.backend.listen(listen)
+            except Exception:
+                logger.exception("could not update the backend's channel subscriptions; retrying")
+                for channel in listen:
+                    self._interest_pending.setdefault(channel, True)
+                self._interest_wake.set()
+                await asyncio.sleep(0.5)
+                continue
+            async with self._interest_synced:
+                self._interest_done = generation
+                self._interest_synced.notify_all()
+
+    async def _wait_interest(self) -> None:
+        """Return once the backend delivers every channel joined so far."""
+        if not self.backend.remote:
+            return
+        target = self._interest_generation
+        async with self._interest_synced:
+            await self._interest_synced.wait_for(lambda: self._interest_done >= target)
+
+    # -- internals: publishing ------------------------------------------------------
+
+    def _encode(self, event: str, data: Any, event_id: str | None) -> bytes:
+        name = wire.check_event_name(event)
+        if event_id is not None:
+            wire.check_event_id(event_id, self.settings.max_last_event_id_length)
+        payload = wire.frame_payload(name, wire.encode_data(data))
+        if len(payload) > self.settings.max_event_bytes:
+            raise InvalidEventError(
+                f"event {event!r} is {len(payload)} bytes encoded, more than max_event_bytes="
+                f"{self.settings.max_event_bytes}; send an id and let the client fetch the rest"
+            )
+        return payload
+
+    def _require_running(self) -> asyncio.AbstractEventLoop:
+        if not self._running or self._loop is None:
+            raise ServiceNotRunningError(
+                "the SSE service is not running: include the router from create_sse_router(...) "
+                "in your app, use lifespan=sse_lifespan(), or start it with 'async with SSEService(...)'"
+            )
+        return self._loop
+
+    def _publish_nowait(self, channel: str, payload: bytes, event_id: str | None, *, store: bool) -> None:
+        loop = self._require_running()
+        if threading.get_ident() == self._loop_thread:
+            self._dispatch(channel, payload, event_id, store)
+        else:
+            loop.call_soon_threadsafe(self._dispatch, channel, payload, event_id, store)
+
+    def _dispatch(self, channel: str, payload: bytes, event_id: str | None, store: bool) -> None:
+        self._counters.published += 1
+        if not self._outbox and self.backend.publish_nowait(channel, payload, event_id, store=store) is not None:
+            return
+        if len(self._outbox) >= self.settings.publish_buffer_size:
+            self._counters.publish_failures += 1
+            logger.error(
+                "event on channel %r lost: %d publishes are already waiting for the backend (publish_buffer_size)",
+                channel,
+                len(self._outbox),
+            )
+            return
+        self._outbox.append((channel, payload, event_id, store))
+        self._outbox_wake.set()
+
+    async def _publish(self, channel: str, payload: bytes, event_id: str | None, *, store: bool) -> str:
+        loop = self._require_running()
+        if threading.get_ident() != self._loop_thread:
+            future = asyncio.run_coroutine_threadsafe(self._publish(channel, payload, event_id, store=store), loop)
+            return await asyncio.wrap_future(future)
+        try:
+            message = await self.backend.publish(channel, payload, event_id, store=store)
+        except BackendError:
+            self._counters.publish_failures += 1
+            raise
+        except Exception as exc:
+            self._counters.publish_failures += 1
+            raise BackendError(f"could not publish to channel {channel!r}: {exc}") from exc
+        self._counters.published += 1
+        return message.id
+
+    async def _drain_outbox(self) -> None:
+        """Send fire-and-forget publishes to a remote backend, in order, retrying."""
+        delay = 0.05
+        while True:
+            if not self._outbox:
+                self._outbox_wake.clear()
+                await self._outbox_wake.wait()
+                continue
+            channel, payload, event_id, store = self._outbox[0]
+            try:
+                await self.backend.publish(channel, payload, event_id, store=store)
+            except Exception as exc:
+                logger.warning(
+                    "publish to channel %r failed (%s); %d event(s) waiting, retrying in %.2fs",
+                    channel,
+                    exc,
+                    len(self._outbox),
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            delay = 0.05
+            self._outbox.popleft()
+
+    async def _flush_outbox(self, grace: float) -> None:
+        if not self._outbox:
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace):
+                while self._outbox:  # noqa: ASYNC110 - the drain task empties it
+                    await asyncio.sleep(0.01)
+        if self._outbox:
+            self._counters.publish_failures += len(self._outbox)
+            logger.error("%d event(s) could not be published before shutdown", len(self._outbox))
+            self._outbox.clear()
+
+    def _deliver(self, message: Message) -> None:
+        """Fan one message out to this process's subscribers, framed once."""
+        members = self._channels.get(message.channel)
+        if not members:
+            return
+        frame = Frame(message.seq, message.channel, wire.frame(message.id, message.payload))
+        for client in list(members.values()):
+            client.push(frame)
+
+    # -- internals: streams -----------------------------------------------------------
+
+    def _attach(self, client: SSEClient) -> bool:
+        """Mark a client's stream as started; False when it was closed before."""
+        if client.closed:
+            return False
+        client.attached = True
+        return True
+
+    async def _opening(self, client: SSEClient) -> list[bytes]:
+        """The first bytes of a stream: the retry hint, then either the cursor or the
+        replay of what the client missed, merged in order with anything already
+        queued for it."""
+        await self._wait_interest()
+        chunks = [self._retry_frame]
+        if client.last_event_id is None:
+            head = await self.backend.head()
+            chunks.append(wire.cursor_frame(str(head)))
+            return chunks
+        self._counters.resumes += 1
+        channels = [*client.channels, ALL_CHANNEL]
+        after = await self.backend.resolve(client.last_event_id)
+        replay = await self.backend.replay(channels, after)
+        replayed = frozenset(channels) - replay.gaps
+        client._floor = replay.head
+        client._replayed = replayed
+        frames = [Frame(m.seq, m.channel, wire.frame(m.id, m.payload)) for m in replay.messages]
+        queued = [f for f in client.take_frames() if not (f.seq <= replay.head and f.channel in replayed)]
+        merged = sorted(frames + queued, key=lambda f: f.seq)
+        last = 0
+        for frame in merged:
+            chunks.append(frame.data)
+            last = max(last, frame.seq)
+        self._counters.events_sent += len(merged)
+        if replay.gaps:
+            self._counters.resume_gaps += 1
+            lost = sorted(c for c in replay.gaps if not c.startswith("$"))
+            chunks.append(
+                wire.frame(
+                    str(replay.head),
+                    wire.frame_payload(
+                        GAP_EVENT.encode(),
+                        wire.encode_data(
+                            {
+                                "channels": lost,
+                                "all": ALL_CHANNEL in replay.gaps,
+                                "last_event_id": client.last_event_id,
+                            }
+                        ),
+                    ),
+                )
+            )
+        elif last < replay.head:
+            chunks.append(wire.cursor_frame(str(replay.head)))
+        return chunks
+
+    def _detach(self, client: SSEClient, reason: str) -> None:
+        """A stream ended (for whatever reason): make sure the client is gone."""
+        self._close(client, reason, discard=True)
+
+    def _sent(self, events: int, size: int) -> None:
+        counters = self._counters
+        counters.events_sent += events
+        counters.bytes_sent += size
+
+    # -- internals: background ------------------------------------------------------
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _heartbeat(self) -> None:
+        """One task for all clients: ping streams that have been idle, and remove
+        clients whose response never started."""
+        interval = self.settings.heartbeat_interval
+        loop = asyncio.get_running_loop()
+        ping = Frame(0, "", wire.PING)
+        while True:
+            await asyncio.sleep(interval / 4)
+            now = loop.time()
+            idle_since = now - interval * 0.75
+            never_started = datetime.now(UTC).timestamp() - self.settings.attach_timeout
+            for client in list(self._clients.values()):
+                if client.attached:
+                    if client.last_write <= idle_since and not client.buffered_bytes:
+                        client.push(ping)
+                elif client.created_at.timestamp() < never_started:
+                    self._close(client, DisconnectReason.NEVER_STARTED, discard=True)
+            if isinstance(self.backend, MemoryBackend):
+                self.backend.expire()
+
+
+def _make_backend(settings: SSESettings) -> Backend:
+    if settings.backend == "memory":
+        return MemoryBackend(history_size=settings.history_size, history_ttl=settings.history_ttl)
+    if settings.backend == "redis":
+        # Imported here: redis-py is an optional extra.
+        redis_module = importlib.import_module("fastapi_sse.backends.redis")
+        backend: Backend = redis_module.RedisBackend.from_settings(settings)
+        return backend
+    raise ValueError(f"unknown backend {settings.backend!r}")  # pragma: no cover
+
+
+__all__ = ["ALL_CHANNEL", "GAP_EVENT", "SSEService"]

@@ -1,0 +1,150 @@
+"""Configuration of the SSE service, read from ``SSE_*`` environment variables."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from fastapi_sse.errors import SettingsError
+
+OverflowPolicy = Literal["disconnect", "drop_oldest", "drop_newest"]
+IdentityLimitPolicy = Literal["remove_oldest", "refuse"]
+BackendName = Literal["memory", "redis"]
+
+ENV_PREFIX = "SSE_"
+
+
+class SSESettings(BaseSettings):
+    """Every knob of the service. Each field is read from ``SSE_<NAME>``.
+
+    Build one with keyword arguments in code, or let the service read the
+    environment (and the ``.env`` file you name with ``_env_file=``) when it starts.
+    """
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+
+    heartbeat_interval: float = Field(
+        30.0,
+        gt=0,
+        description="Seconds an idle stream may stay silent before a `: ping` comment is sent.",
+    )
+    retry_interval: float = Field(
+        3.0,
+        gt=0,
+        description="Seconds a browser waits before reconnecting; sent as `retry:` in milliseconds.",
+    )
+    backend: BackendName = Field(
+        "memory",
+        description="Where events travel and history is kept: `memory` (one process) or `redis`.",
+    )
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        description="Redis server used when `backend` is `redis`.",
+    )
+    redis_key_prefix: str = Field(
+        "sse:",
+        min_length=1,
+        description="Prefix of every Redis key and channel this service uses.",
+    )
+    history_size: int = Field(
+        1000,
+        ge=0,
+        description="Events kept per channel for replay to reconnecting clients (0 keeps none).",
+    )
+    history_ttl: float = Field(
+        3600.0,
+        gt=0,
+        description="Seconds an event stays available for replay.",
+    )
+    max_buffer_bytes: int = Field(
+        256 * 1024,
+        ge=1024,
+        description="Bytes of unsent events held for one slow client before its overflow policy applies.",
+    )
+    overflow_policy: OverflowPolicy = Field(
+        "disconnect",
+        description=(
+            "What happens to a client whose buffer is full: `disconnect` (it reconnects and "
+            "replays), `drop_oldest` or `drop_newest` (events are dropped and counted)."
+        ),
+    )
+    max_connections: int = Field(
+        10_000,
+        gt=0,
+        description="Open streams allowed in this process; more are refused with HTTP 503.",
+    )
+    max_connections_per_identity: int = Field(
+        5,
+        gt=0,
+        description="Open streams allowed for one identity (e.g. one user).",
+    )
+    identity_limit_policy: IdentityLimitPolicy = Field(
+        "remove_oldest",
+        description=(
+            "When an identity is at its limit: `remove_oldest` closes its oldest stream, `refuse` answers HTTP 429."
+        ),
+    )
+    max_channels_per_connection: int = Field(
+        32,
+        gt=0,
+        description="Channels one stream may subscribe to.",
+    )
+    max_channel_length: int = Field(
+        200,
+        gt=0,
+        description="Characters allowed in a channel name.",
+    )
+    channel_pattern: str = Field(
+        r"[A-Za-z0-9][A-Za-z0-9_.:@/=+\-]*",
+        description="Regular expression a whole channel name must match.",
+    )
+    max_event_bytes: int = Field(
+        64 * 1024,
+        gt=0,
+        description="Largest encoded event in bytes; larger ones are rejected when published.",
+    )
+    max_last_event_id_length: int = Field(
+        128,
+        gt=0,
+        description="Longest `Last-Event-ID` (and event id) accepted, in characters.",
+    )
+    attach_timeout: float = Field(
+        30.0,
+        gt=0,
+        description=("Seconds a client made by `add_client` may wait for its response to start before it is removed."),
+    )
+    publish_buffer_size: int = Field(
+        10_000,
+        gt=0,
+        description=(
+            "Fire-and-forget publishes held while a remote backend is unreachable; "
+            "beyond it they are counted as failed and logged."
+        ),
+    )
+
+    @field_validator("channel_pattern")
+    @classmethod
+    def _compiles(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a valid regular expression: {exc}") from None
+        return value
+
+
+def load_settings(**overrides: Any) -> SSESettings:
+    """Read settings from the environment; a bad value raises :class:`SettingsError`
+    naming the environment variable."""
+    try:
+        return SSESettings(**overrides)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            field = ".".join(str(part) for part in error["loc"])
+            env = ENV_PREFIX + field.upper()
+            got = error.get("input")
+            problems.append(f"{env}: {error['msg']} (got {got!r})")
+        raise SettingsError("invalid SSE settings: " + "; ".join(problems)) from None

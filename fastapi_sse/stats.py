@@ -1,0 +1,67 @@
+"""Counters of the service and the connection statistics the admin route returns."""
+
+from __future__ import annotations
+
+from collections import Counter
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+
+class Counters:
+    """Mutable totals since the service started."""
+
+    __slots__ = (
+        "bytes_sent",
+        "connects",
+        "disconnects",
+        "dropped",
+        "events_sent",
+        "publish_failures",
+        "published",
+        "refused",
+        "resume_gaps",
+        "resumes",
+    )
+
+    def __init__(self) -> None:
+        self.connects = 0
+        self.disconnects: Counter[str] = Counter()
+        self.refused: Counter[str] = Counter()
+        self.published = 0
+        self.events_sent = 0
+        self.bytes_sent = 0
+        self.dropped = 0
+        self.resumes = 0
+        self.resume_gaps = 0
+        self.publish_failures = 0
+
+
+class ConnectionStats(BaseModel):
+    """Connection statistics: the seed's three fields, then what an operator needs."""
+
+    scope: Literal["worker", "cluster"] = Field(
+        description="`worker`: this process only; `cluster`: every worker sharing the backend."
+    )
+    worker_id: str = Field(description="Id of the process that answered.")
+    backend: str = Field(description="The backend in use.")
+    total_connections: int = Field(description="Open streams.")
+    by_channel: dict[str, int] = Field(description="Open streams per channel.")
+    oldest_connection: datetime | None = Field(description="When the oldest open stream connected (UTC).")
+    connects: int = Field(0, description="Streams opened since start.")
+    disconnects: dict[str, int] = Field(
+        default_factory=dict,
+        description="Streams ended since start, by reason: client_closed, removed, replaced, "
+        "slow_consumer, shutdown, never_started.",
+    )
+    refused: dict[str, int] = Field(default_factory=dict, description="Connections refused, by limit.")
+    events_published: int = Field(0, description="Events published through this process.")
+    events_sent: int = Field(0, description="Events written to clients (one per client per event).")
+    bytes_sent: int = Field(0, description="Bytes written to clients, heartbeats included.")
+    events_dropped: int = Field(0, description="Events dropped by the drop_oldest / drop_newest policies.")
+    slow_consumer_disconnects: int = Field(0, description="Clients disconnected for reading too slowly.")
+    resumes: int = Field(0, description="Connections that came with a Last-Event-ID.")
+    resume_gaps: int = Field(0, description="Resumes whose history no longer covered the gap.")
+    publish_failures: int = Field(0, description="Publishes the backend did not accept.")
+    pending_publishes: int = Field(0, description="Fire-and-forget publishes waiting for the backend.")

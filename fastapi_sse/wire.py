@@ -1,0 +1,113 @@
+"""The SSE wire format (WHATWG HTML, "Server-sent events"): validation and framing.
+
+Every function here is pure; the service calls them once per event, never per client.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pydantic_core
+
+from fastapi_sse.errors import InvalidEventError
+
+# A client ends a line at CRLF, a lone CR or a lone LF, and at nothing else.
+_LINE_END = re.compile(r"\r\n|\r|\n")
+_FIELD_BREAK = re.compile(r"[\r\n]")
+_DIGITS = re.compile(r"[0-9]+")
+
+# Names a browser's EventSource dispatches itself: an event called "error" would
+# land in connection-error handlers, one called "open" in connection-open ones.
+RESERVED_EVENT_NAMES = frozenset({"error", "open"})
+
+PING = b": ping\n\n"
+
+
+class Text(str):
+    """Wrap a string to send it as the event's data verbatim instead of as JSON.
+
+    ``sse.broadcast("logs", "line", Text("plain\\ntext"))`` reaches the browser as
+    ``event.data == "plain\\ntext"``; any other value is JSON-encoded.
+    """
+
+    __slots__ = ()
+
+
+def check_event_name(event: str) -> bytes:
+    """Validate an event name and return it encoded."""
+    if not isinstance(event, str) or not event:
+        raise InvalidEventError(f"event name must be a non-empty string, got {event!r}")
+    if _FIELD_BREAK.search(event):
+        raise InvalidEventError(f"event name {event!r} contains CR or LF, which would start a new field on the wire")
+    if event in RESERVED_EVENT_NAMES:
+        raise InvalidEventError(
+            f"event name {event!r} is dispatched by browsers for connection state; choose another name"
+        )
+    return event.encode()
+
+
+def check_event_id(event_id: str, max_length: int) -> str:
+    """Validate an id given by the caller. Ids of digits alone are the service's own."""
+    if not isinstance(event_id, str) or not event_id:
+        raise InvalidEventError(
+            f"event id must be a non-empty string (an empty id clears the browser's cursor), got {event_id!r}"
+        )
+    if _FIELD_BREAK.search(event_id) or "\0" in event_id:
+        raise InvalidEventError(f"event id {event_id!r} contains CR, LF or NUL; a browser would mis-read or ignore it")
+    if len(event_id) > max_length:
+        raise InvalidEventError(
+            f"event id is {len(event_id)} characters, more than max_last_event_id_length={max_length}, "
+            "so a client could never resume from it"
+        )
+    if _DIGITS.fullmatch(event_id):
+        raise InvalidEventError(
+            f"event id {event_id!r} is only digits, which the service reserves for the ids it "
+            "assigns; give yours a prefix such as 'msg-{event_id}'"
+        )
+    return event_id
+
+
+def check_last_event_id(value: str, max_length: int) -> str:
+    """Validate a ``Last-Event-ID`` from a request (untrusted input)."""
+    if len(value) > max_length:
+        raise ValueError(f"Last-Event-ID is {len(value)} characters, more than the {max_length} allowed")
+    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
+        raise ValueError("Last-Event-ID contains control characters")
+    return value
+
+
+def encode_data(data: Any) -> str:
+    """The event's data as text: JSON for any value, verbatim for :class:`Text`."""
+    if isinstance(data, Text):
+        return str(data)
+    try:
+        return pydantic_core.to_json(data).decode()
+    except pydantic_core.PydanticSerializationError as exc:
+        raise InvalidEventError(f"event data of type {type(data).__name__} cannot be encoded as JSON: {exc}") from None
+
+
+def frame_payload(event: bytes, text: str) -> bytes:
+    """``event:`` and ``data:`` lines of one event, without its id and final blank line.
+
+    The text is split at every line end a client recognises, one ``data:`` line per
+    piece, so any string (a trailing newline included) arrives byte for byte.
+    """
+    lines = [b"event: ", event, b"\n"]
+    for piece in _LINE_END.split(text):
+        lines += (b"data: ", piece.encode(), b"\n")
+    return b"".join(lines)
+
+
+def frame(event_id: str, payload: bytes) -> bytes:
+    """A complete event: id line, payload and the blank line that dispatches it."""
+    return b"id: " + event_id.encode() + b"\n" + payload + b"\n"
+
+
+def cursor_frame(event_id: str) -> bytes:
+    """An id-only frame: the client records the id and dispatches no event."""
+    return b"id: " + event_id.encode() + b"\n\n"
+
+
+def retry_frame(seconds: float) -> bytes:
+    return b"retry: %d\n\n" % round(seconds * 1000)
