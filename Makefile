@@ -1,0 +1,43 @@
+# The two commands a newcomer needs: `make run` (example app) and `make test` (whole suite).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: install system-deps run test lint typecheck check bench bench-smoke docs clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+# Services the tests use, from Debian's packages (needs root; skipped when present).
+system-deps:
+	@command -v redis-server >/dev/null && command -v chromium >/dev/null || { \
+		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server chromium chromium-driver >/dev/null; \
+		else echo "install redis-server and chromium (sudo apt-get install redis-server chromium)"; exit 1; fi; }
+
+run: install
+	$(BIN)/uvicorn example_app.main:app --host $(HOST) --port $(PORT)
+
+test: install system-deps
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/pytest --cov=fastapi_sse --cov-report=term-missing:skip-covered --cov-fail-under=90
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: install
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage htmlcov site
