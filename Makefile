@@ -17,13 +17,18 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 install: $(VENV)/.installed
 
+# What the example app needs, without the test and docs tools.
+$(VENV)/.installed-run: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e ".[server]"
+	touch $@
+
 # Services the tests use, from Debian's packages (needs root; skipped when present).
 system-deps:
 	@command -v redis-server >/dev/null && command -v chromium >/dev/null || { \
 		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server chromium chromium-driver >/dev/null; \
 		else echo "install redis-server and chromium (sudo apt-get install redis-server chromium)"; exit 1; fi; }
 
-run: install
+run: $(VENV)/.installed-run
 	$(BIN)/uvicorn example_app.main:app --host $(HOST) --port $(PORT)
 
 test: install system-deps
@@ -38,6 +43,17 @@ lint: install
 
 typecheck: install
 	$(BIN)/mypy
+
+# The documentation site (mkdocs-material); fails on any warning.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
+# The benchmark (tens of minutes; docs/performance.md) and a seconds-long run that keeps it working.
+bench: install
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+bench-smoke: install
+	$(BIN)/python -m bench.run --smoke
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage htmlcov site

@@ -18,6 +18,7 @@ from fastapi_sse.router import allow_all, create_sse_router
 from fastapi_sse.service import ALL_CHANNEL, GAP_EVENT, SSEService
 from fastapi_sse.settings import SSESettings, load_settings
 from fastapi_sse.stats import ConnectionStats
+from fastapi_sse.tuning import tune_gc
 from fastapi_sse.wire import Text
 
 __all__ = [
@@ -49,4 +50,5 @@ __all__ = [
     "get_sse_from_app",
     "load_settings",
     "sse_lifespan",
+    "tune_gc",
 ]

@@ -5,22 +5,28 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Callable
+from contextvars import Context
 from datetime import datetime
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from starlette.types import Send
+
     from fastapi_sse.settings import OverflowPolicy
+    from fastapi_sse.writer import Handoff
 
 
 class Frame:
     """Encoded bytes shared by every client that receives one event."""
 
-    __slots__ = ("channel", "data", "seq")
+    __slots__ = ("channel", "created", "data", "seq")
 
-    def __init__(self, seq: int, channel: str, data: bytes) -> None:
+    def __init__(self, seq: int, channel: str, data: bytes, created: float = 0.0) -> None:
         self.seq = seq
         self.channel = channel
         self.data = data
+        # time.monotonic() when this process received the event; 0 when not measured.
+        self.created = created
 
 
 class DisconnectReason:
@@ -32,6 +38,10 @@ class DisconnectReason:
     SLOW_CONSUMER = "slow_consumer"
     SHUTDOWN = "shutdown"
     NEVER_STARTED = "never_started"
+    BACKEND_GAP = "backend_gap"
+    """The worker was cut off from a shared backend whose history lost events meanwhile."""
+    BACKEND_UNAVAILABLE = "backend_unavailable"
+    """The stream could not start: the shared backend did not answer."""
 
 
 class SSEClient:
@@ -45,10 +55,17 @@ class SSEClient:
     __slots__ = (
         "_buffer",
         "_buffered",
+        "_cancelled",
+        "_context",
         "_floor",
+        "_handoff",
         "_limit",
+        "_on_ready",
+        "_parked",
         "_policy",
+        "_queued",
         "_replayed",
+        "_send",
         "_task",
         "_waiter",
         "attached",
@@ -92,6 +109,8 @@ class SSEClient:
         self._policy = policy
         self._waiter: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
+        # True once mark_closed cancelled the stream's task (see SSEResponse).
+        self._cancelled = False
         # During a resume, live events up to the replayed head on the replayed
         # channels are already in the replay: skip them.
         self._floor = 0
@@ -99,6 +118,15 @@ class SSEClient:
         # Set by the service: called with the number of frames dropped, 0 meaning
         # "disconnect this client".
         self.on_overflow: Callable[[SSEClient, int], None] | None = None
+        # Set by the response: while the stream's task is parked (nothing left to
+        # write), ``push`` hands the client to the service's writer, which calls
+        # ``_send`` in ``_context``; a send it cannot finish becomes ``_handoff``.
+        self._parked = False
+        self._queued = False
+        self._on_ready: Callable[[SSEClient], None] | None = None
+        self._send: Send | None = None
+        self._context: Context | None = None
+        self._handoff: Handoff | None = None
 
     def __repr__(self) -> str:
         return f"SSEClient(id={self.id!r}, channels={sorted(self.channels)!r})"
@@ -114,6 +142,11 @@ class SSEClient:
             return
         self._buffer.append(frame)
         self._buffered += size
+        if self._parked:
+            if not self._queued and self._on_ready is not None:
+                self._queued = True
+                self._on_ready(self)
+            return
         waiter = self._waiter
         if waiter is not None:
             self._waiter = None
@@ -142,16 +175,21 @@ class SSEClient:
         if self.on_overflow is not None:
             self.on_overflow(self, count)
 
-    def take(self) -> tuple[bytes, int]:
-        """Everything buffered, as one chunk, and the number of frames in it."""
+    def take(self) -> tuple[bytes, int, float]:
+        """Everything buffered, as one chunk; the number of events in it; and when
+        the oldest of them arrived (``Frame.created``, 0 when not measured)."""
         buffer = self._buffer
         count = len(buffer)
-        if not buffer[0].seq:
+        first = buffer[0]
+        if first.seq:
+            created = first.created
+        else:
             count -= 1  # a heartbeat, only ever queued first into an empty buffer
+            created = buffer[1].created if count else 0.0
         chunk = buffer.popleft().data if len(buffer) == 1 else b"".join([f.data for f in buffer])
         buffer.clear()
         self._buffered = 0
-        return chunk, count
+        return chunk, count, created
 
     def take_frames(self) -> list[Frame]:
         frames = list(self._buffer)
@@ -169,6 +207,7 @@ class SSEClient:
         return waiter
 
     def wake(self) -> None:
+        self._parked = False
         waiter = self._waiter
         if waiter is not None:
             self._waiter = None
@@ -183,8 +222,14 @@ class SSEClient:
         if discard:
             self._buffer.clear()
             self._buffered = 0
+            if self._handoff is not None:
+                # A send the writer left half-done for the stream's task, which has
+                # not resumed yet: the client is gone, drop it.
+                self._handoff.close()
+                self._handoff = None
             # A writer stuck in a send to a client that stopped reading would
             # wait for ever: cancel it.
             if self.sending and self._task is not None:
+                self._cancelled = True
                 self._task.cancel()
         self.wake()

@@ -4,6 +4,7 @@ the shared frames the service queues for its client."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
@@ -62,28 +63,49 @@ class SSEResponse(EventSourceResponse):
                 opening = await service._opening(client)
                 await _send_chunks(send, opening)
                 client.last_write = loop.time()
+                service._sent(0, sum(map(len, opening)))
+            client._send = send
+            client._context = contextvars.copy_context()
+            client._on_ready = service._writer.add
             while True:
-                if client._buffer:
-                    chunk, count = client.take()
+                handoff = client._handoff
+                if handoff is not None:
+                    # A send the service's writer started and could not finish.
+                    client._handoff = None
+                    client.sending = True
+                    await handoff
+                    client.sending = False
+                    client.last_write = loop.time()
+                    service._sent(handoff.count, handoff.size, handoff.created)
+                elif client._buffer:
+                    # ``created``: the oldest event of the write, the longest any in it waited.
+                    chunk, count, created = client.take()
                     client.sending = True
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
                     client.sending = False
                     client.last_write = loop.time()
-                    service._sent(count, len(chunk))
+                    service._sent(count, len(chunk), created)
                 elif client.closed:
                     break
                 else:
+                    # Parked: the service's writer writes what comes next (see writer.py).
+                    client._parked = True
                     await client.wait()
             reason = client.close_reason or reason
             disconnected = reason == DisconnectReason.CLIENT_CLOSED
         except asyncio.CancelledError:
-            # Cancelled by the service because the client stopped reading: end
-            # the connection here. Any other cancellation is the server's.
-            if client.close_reason != DisconnectReason.SLOW_CONSUMER or task is None or task.uncancel():
+            # Cancelled by the service because the stream was closed while stuck in a
+            # send (its client stopped reading, or went away): end the connection
+            # here. Any other cancellation is the server's.
+            if not client._cancelled or task is None or task.uncancel():
                 raise
             return
         finally:
             client.sending = False
+            client._parked = False
+            if client._handoff is not None:
+                client._handoff.close()
+                client._handoff = None
             watcher.cancel()
             service._detach(client, reason)
         if not disconnected:

@@ -6,9 +6,9 @@ import inspect
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import Annotated, Any, TypeAlias, TypeVar
 
-from fastapi import APIRouter, HTTPException, Query, Request, params
+from fastapi import APIRouter, HTTPException, Query, Request, Response, params
 
-from fastapi_sse.client import SSEClient
+from fastapi_sse.client import DisconnectReason, SSEClient
 from fastapi_sse.dependencies import SSEDep, sse_lifespan
 from fastapi_sse.errors import LimitExceededError
 from fastapi_sse.response import SSEResponse
@@ -44,6 +44,17 @@ async def _call(value: MaybeAwaitable[T]) -> T:
     return value
 
 
+def _header_text(value: str | None) -> str | None:
+    """A header as the client meant it: browsers send ``Last-Event-ID`` as UTF-8,
+    which Starlette decodes as Latin-1."""
+    if value is None or value.isascii():
+        return value
+    try:
+        return value.encode("latin-1").decode()
+    except UnicodeError:
+        return value
+
+
 def allow_all(request: Request, channel: str) -> bool:
     """An ``authorize`` hook for apps whose channels are all public."""
     return True
@@ -59,6 +70,8 @@ def create_sse_router(
     subscribe_path: str = "/subscribe",
     admin_dependencies: Sequence[params.Depends] | None = None,
     admin_path: str = "/admin/connections",
+    metrics_dependencies: Sequence[params.Depends] | None = None,
+    metrics_path: str = "/metrics",
     service: SSEService | None = None,
 ) -> APIRouter:
     """A router with the subscribe endpoint and, when protected, the admin stats.
@@ -74,6 +87,10 @@ def create_sse_router(
     dependencies that protect it (e.g. a token check). ``Depends(allow_anyone)``
     style opening must be explicit.
 
+    ``GET {metrics_path}`` (Prometheus text format, route ``fastapi_sse:metrics``)
+    likewise exists only when ``metrics_dependencies`` is given; it needs the
+    ``metrics`` extra (prometheus-client).
+
     The router carries the service's lifespan: ``app.include_router(router)`` is all
     it takes. Route names are namespaced (``fastapi_sse:subscribe``).
     """
@@ -83,6 +100,9 @@ def create_sse_router(
         subscribe_path,
         name="fastapi_sse:subscribe",
         response_class=SSEResponse,
+        # Stated, because FastAPI reads the default status from the response class's
+        # __init__, and SSEResponse's takes the client and service instead.
+        status_code=200,
         responses=_STREAM_DOC,
         summary="Open an event stream",
     )
@@ -99,6 +119,8 @@ def create_sse_router(
         for name in requested:
             sse.check_channel(name)
         defaults: list[str] = list(await _call(default_channels(request))) if default_channels else []
+        for name in defaults:
+            sse.check_channel(name)
         wanted = list(dict.fromkeys([*defaults, *requested]))
         limit = sse.settings.max_channels_per_connection
         if len(wanted) > limit:
@@ -111,14 +133,21 @@ def create_sse_router(
             if name not in defaults and not await _call(authorize(request, name)):
                 raise HTTPException(403, f"not allowed to subscribe to channel {name!r}")
         identity = await _call(identify(request)) if identify else None
-        resume = request.headers.get("last-event-id") or last_event_id
+        resume = _header_text(request.headers.get("last-event-id")) or last_event_id
         client, response = sse.add_client(resume, identity=identity)
-        for name in wanted:
-            sse.subscribe(client.id, name)
-        if on_connect is not None:
-            result = on_connect(request, client, sse)
-            if inspect.isawaitable(result):
-                await result
+        try:
+            if identity is not None:
+                await sse.enforce_identity_limit(client)
+            for name in wanted:
+                sse.subscribe(client.id, name)
+            if on_connect is not None:
+                result = on_connect(request, client, sse)
+                if inspect.isawaitable(result):
+                    await result
+        except BaseException:
+            # The response will never run: free the client's slot now, not at attach_timeout.
+            sse._detach(client, DisconnectReason.NEVER_STARTED)
+            raise
         return response
 
     if admin_dependencies is not None:
@@ -132,5 +161,20 @@ def create_sse_router(
         )
         async def connections(sse: SSEDep) -> ConnectionStats:
             return await sse.cluster_stats()
+
+    if metrics_dependencies is not None:
+        # Imported here: prometheus-client is an optional extra, needed only by this route.
+        from fastapi_sse.metrics import metrics_response
+
+        @router.get(
+            metrics_path,
+            name="fastapi_sse:metrics",
+            dependencies=list(metrics_dependencies),
+            response_class=Response,
+            responses={200: {"description": "Prometheus text format.", "content": {"text/plain": {}}}},
+            summary="Prometheus metrics",
+        )
+        async def metrics(sse: SSEDep) -> Response:
+            return metrics_response(sse)
 
     return router

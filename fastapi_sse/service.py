@@ -10,11 +10,13 @@ import math
 import re
 import signal
 import threading
+import time
 import uuid
 from collections import Counter, deque
+from collections.abc import Callable, Collection
 from datetime import UTC, datetime
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi_sse import wire
 from fastapi_sse.backends.base import Backend, Message
@@ -31,6 +33,7 @@ from fastapi_sse.errors import (
 from fastapi_sse.response import SSEResponse
 from fastapi_sse.settings import SSESettings, load_settings
 from fastapi_sse.stats import ConnectionStats, Counters
+from fastapi_sse.writer import Writer
 
 logger = logging.getLogger("fastapi_sse")
 
@@ -39,10 +42,20 @@ ALL_CHANNEL = "$all"
 CLIENT_CHANNEL_PREFIX = "$client:"
 """Internal per-client channel; :meth:`SSEService.send_to` uses it."""
 
+_THREAD_BATCH = 64
+
 GAP_EVENT = "gap"
 """Name of the event a resuming client gets when history no longer covers its cursor."""
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+_T = TypeVar("_T")
+
+# Sent on a client's channel to make the worker holding it close it (a real event's
+# payload is never empty).
+_CLOSE = b""
+
+_REMOTE_CLIENT_ID = re.compile(r"[0-9a-f]{12}\.[0-9a-f]{32}")
 
 
 def _client_channel(client_id: str) -> str:
@@ -79,6 +92,8 @@ class SSEService:
         self._tasks: set[asyncio.Task[None]] = set()
         self._no_clients = asyncio.Event()
         self._no_clients.set()
+        self._from_threads: deque[tuple[str, bytes, str | None, bool]] = deque()
+        self._threads_scheduled = False
         self._outbox: deque[tuple[str, bytes, str | None, bool]] = deque()
         self._outbox_wake = asyncio.Event()
         self._interest_pending: dict[str, bool] = {}
@@ -88,6 +103,7 @@ class SSEService:
         self._interest_wake = asyncio.Event()
         self._previous_handlers: dict[int, Any] = {}
         self._retry_frame = wire.retry_frame(self.settings.retry_interval)
+        self._writer = Writer(self._sent)
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -97,13 +113,22 @@ class SSEService:
             return
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
+        self.backend.lost = self._lost
         await self.backend.start(self._deliver)
         self._running = True
         self._closing = False
         self._spawn(self._heartbeat())
+        self._spawn(self._writer.run())
         if self.backend.remote:
             self._spawn(self._drain_outbox())
             self._spawn(self._sync_interest())
+            # Registered before the first request: shared limits count only live workers.
+            try:
+                await self._announce()
+            except Exception as exc:
+                self._counters.backend_errors += 1
+                logger.warning("could not register this worker: %s", exc)
+            self._spawn(self._presence())
 
     async def aclose(self, grace: float = 5.0) -> None:
         """End every stream, wait up to ``grace`` seconds for them, stop the backend."""
@@ -118,7 +143,16 @@ class SSEService:
         await self._flush_outbox(grace)
         for task in list(self._tasks):
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tasks:
+            done, stuck = await asyncio.wait(list(self._tasks), timeout=grace)
+            for task in done:
+                if not task.cancelled():
+                    task.exception()  # retrieved: what failed was logged where it failed
+            if stuck:
+                logger.error("%d background task(s) did not stop at shutdown", len(stuck))
+        if self.backend.remote:
+            with contextlib.suppress(Exception):
+                await self.backend.withdraw(self.worker_id)
         await self.backend.close()
         self._running = False
         self.restore_signal_handlers()
@@ -136,6 +170,8 @@ class SSEService:
         New connections are refused from now on. Browsers reconnect after the retry
         interval (to another worker, or to this one once it is back) and replay.
         """
+        if (loop := self._other_threads_loop()) is not None:
+            return _run_in(loop, self.shutdown)
         self._closing = True
         for client in list(self._clients.values()):
             self._close(client, DisconnectReason.SHUTDOWN, discard=False)
@@ -179,11 +215,16 @@ class SSEService:
         stream replay what the client missed on every channel it is subscribed to
         before the response starts. ``identity`` (e.g. the user id) applies
         ``max_connections_per_identity``. Raises :class:`LimitExceededError` (an
-        ``HTTPException``) when a limit refuses the connection.
+        ``HTTPException``) when a limit refuses the connection. With a shared backend
+        the identity limit is cluster-wide: then also ``await
+        enforce_identity_limit(client)`` before returning the response (the router does).
         """
+        if (loop := self._other_threads_loop()) is not None:
+            return _run_in(loop, lambda: self.add_client(last_event_id, identity=identity))
         self._require_running()
         settings = self.settings
         if self._closing:
+            self._counters.refused["shutdown"] += 1
             raise LimitExceededError(
                 "shutdown", "the server is shutting down", 503, retry_after=math.ceil(settings.retry_interval)
             )
@@ -201,7 +242,8 @@ class SSEService:
                 503,
                 retry_after=math.ceil(settings.retry_interval),
             )
-        if identity is not None:
+        # With a shared backend the limit holds across workers: enforce_identity_limit.
+        if identity is not None and not self.backend.remote:
             existing = self._identities.get(identity)
             if existing is not None and len(existing) >= settings.max_connections_per_identity:
                 if settings.identity_limit_policy == "refuse":
@@ -235,6 +277,8 @@ class SSEService:
 
     def remove_client(self, client_id: str) -> bool:
         """Disconnect a client: its stream sends what is buffered, then ends."""
+        if (loop := self._other_threads_loop()) is not None:
+            return _run_in(loop, lambda: self.remove_client(client_id))
         client = self._clients.get(client_id)
         if client is None:
             return False
@@ -245,12 +289,57 @@ class SSEService:
         """The connected client with this id, or None."""
         return self._clients.get(client_id)
 
+    async def enforce_identity_limit(self, client: SSEClient) -> None:
+        """Apply ``max_connections_per_identity`` across every worker sharing the backend.
+
+        Call it right after :meth:`add_client`, before returning the response (the
+        router does). With ``refuse`` it removes the client and raises
+        :class:`LimitExceededError` (429) when the identity is at its limit; with
+        ``remove_oldest`` it closes the identity's oldest streams, on whichever worker
+        they are. In-process backends need nothing more than ``add_client`` did.
+        While the backend is unreachable the connection is allowed (and logged).
+        """
+        if client.identity is None or not self.backend.remote or client.closed:
+            return
+        settings = self.settings
+        refuse = settings.identity_limit_policy == "refuse"
+        try:
+            evicted = await self.backend.claim(
+                "identity:" + client.identity, client.id, settings.max_connections_per_identity, evict=not refuse
+            )
+        except Exception as exc:
+            self._counters.backend_errors += 1
+            logger.warning("could not check the connection limit of an identity (%s); allowing the stream", exc)
+            return
+        if evicted is None:
+            self._counters.refused["max_connections_per_identity"] += 1
+            self._close(client, DisconnectReason.REMOVED, discard=True)
+            raise LimitExceededError(
+                "max_connections_per_identity",
+                f"too many open streams for this user "
+                f"(max_connections_per_identity={settings.max_connections_per_identity})",
+                429,
+            )
+        for victim in evicted:
+            local = self._clients.get(victim)
+            if local is not None:
+                self._close(local, DisconnectReason.REPLACED, discard=False)
+                continue
+            try:
+                # An empty message on a client's channel tells its worker to close it.
+                await self.backend.publish(_client_channel(victim), _CLOSE, None, store=False)
+            except Exception as exc:
+                self._counters.backend_errors += 1
+                logger.warning("could not ask another worker to close stream %s: %s", victim, exc)
+
     def get_clients(self) -> list[SSEClient]:
-        """Every client connected to this process, oldest first."""
+        """Every client connected to this process (this worker's view, not the
+        cluster's), oldest first."""
         return list(self._clients.values())
 
     def get_clients_by_channel(self, channel: str) -> list[SSEClient]:
-        """Clients of this process subscribed to ``channel``, oldest subscription first."""
+        """Clients of this process subscribed to ``channel`` (this worker's view, not
+        the cluster's), oldest subscription first."""
         members = self._channels.get(channel)
         return list(members.values()) if members else []
 
@@ -260,6 +349,8 @@ class SSEService:
         Raises :class:`InvalidChannelError` for a malformed name and
         :class:`LimitExceededError` past ``max_channels_per_connection``.
         """
+        if (loop := self._other_threads_loop()) is not None:
+            return _run_in(loop, lambda: self.subscribe(client_id, channel))
         self.check_channel(channel)
         client = self._clients.get(client_id)
         if client is None:
@@ -279,6 +370,8 @@ class SSEService:
 
     def unsubscribe(self, client_id: str, channel: str) -> bool:
         """Unsubscribe a client from a channel; False when it was not subscribed."""
+        if (loop := self._other_threads_loop()) is not None:
+            return _run_in(loop, lambda: self.unsubscribe(client_id, channel))
         client = self._clients.get(client_id)
         if client is None or channel not in client.channels:
             return False
@@ -298,9 +391,13 @@ class SSEService:
         self._publish_nowait(ALL_CHANNEL, self._encode(event, data, id), id, store=True)
 
     def send_to(self, client_id: str, event: str, data: Any, id: str | None = None) -> bool:
-        """Send an event to one client; False when this process has no such client."""
+        """Send an event to one client; False when there is no such client.
+
+        With a shared backend a client of another worker counts: the event goes to
+        the worker named in the client id, which drops it if the client is gone.
+        """
         payload = self._encode(event, data, id)
-        if client_id not in self._clients:
+        if not self._reachable(client_id):
             return False
         self._publish_nowait(_client_channel(client_id), payload, id, store=False)
         return True
@@ -318,9 +415,16 @@ class SSEService:
     async def publish_to(self, client_id: str, event: str, data: Any, id: str | None = None) -> str | None:
         """Like :meth:`send_to`, awaited; returns the event's id, or None for an unknown client."""
         payload = self._encode(event, data, id)
-        if client_id not in self._clients:
+        if not self._reachable(client_id):
             return None
         return await self._publish(_client_channel(client_id), payload, id, store=False)
+
+    def _reachable(self, client_id: str) -> bool:
+        """Whether a client id is this worker's client or, with a shared backend,
+        another worker's (``<worker_id>.<32 hex digits>``)."""
+        if client_id in self._clients:
+            return True
+        return self.backend.remote and _REMOTE_CLIENT_ID.fullmatch(client_id) is not None
 
     def check_channel(self, channel: str) -> str:
         """Raise :class:`InvalidChannelError` unless ``channel`` is a valid name."""
@@ -340,7 +444,8 @@ class SSEService:
     # -- stats ------------------------------------------------------------------------
 
     def stats(self) -> ConnectionStats:
-        """Connection statistics of this process (the seed's admin view, and more)."""
+        """Connection statistics of this process (the seed's admin view, and more);
+        :meth:`cluster_stats` adds up every worker sharing the backend."""
         clients = self._clients.values()
         by_channel: Counter[str] = Counter()
         for client in clients:
@@ -369,8 +474,43 @@ class SSEService:
 
     async def cluster_stats(self) -> ConnectionStats:
         """Statistics of every worker sharing the backend; this worker's alone when
-        the backend is in-process (then ``scope`` is ``worker``)."""
-        return self.stats()
+        the backend is in-process (then ``scope`` is ``worker``).
+
+        Each worker registers its stats in the backend every ``presence_interval``
+        seconds; a worker silent for three intervals (stopped, killed) drops out.
+        Raises :class:`BackendError` when the backend cannot be read.
+        """
+        mine = self.stats()
+        if not self.backend.remote:
+            return mine
+        try:
+            peers = await self.backend.peers()
+        except BackendError:
+            raise
+        except Exception as exc:
+            raise BackendError(f"could not read the other workers' stats: {exc}") from exc
+        others = [
+            ConnectionStats.model_validate_json(info) for worker, info in peers.items() if worker != self.worker_id
+        ]
+        return _sum_stats(mine, others)
+
+    async def _announce(self) -> None:
+        ttl = self.settings.presence_interval * 3
+        await self.backend.announce(self.worker_id, self.stats().model_dump_json().encode(), ttl)
+
+    async def _presence(self) -> None:
+        """Keep this worker's registration (and stats) fresh in the shared backend."""
+        task = asyncio.current_task()
+        while not self._closing:
+            await asyncio.sleep(self.settings.presence_interval)
+            try:
+                await self._announce()
+            except Exception as exc:
+                self._counters.backend_errors += 1
+                logger.warning("could not refresh this worker's registration: %s", exc)
+            # The Redis client can absorb a cancellation that lands mid-command.
+            if task is not None and task.cancelling():
+                return
 
     # -- internals: registry --------------------------------------------------------
 
@@ -404,6 +544,8 @@ class SSEService:
                 mine.pop(client.id, None)
                 if not mine:
                     del self._identities[client.identity]
+        if client.identity is not None and self.backend.remote:
+            self._spawn(self._release(client))
         self._counters.disconnects[reason] += 1
         client.mark_closed(reason, discard=discard)
         if not self._clients:
@@ -447,6 +589,7 @@ class SSEService:
                 if listen:
                     await self.backend.listen(listen)
             except Exception:
+                self._counters.backend_errors += 1
                 logger.exception("could not update the backend's channel subscriptions; retrying")
                 for channel in listen:
                     self._interest_pending.setdefault(channel, True)
@@ -479,6 +622,15 @@ class SSEService:
             )
         return payload
 
+    def _other_threads_loop(self) -> asyncio.AbstractEventLoop | None:
+        """The service's running loop when called from another thread (a sync handler,
+        a job), else None. The registries and the streams' futures belong to that loop,
+        so the methods that change them run there."""
+        loop = self._loop
+        if loop is None or threading.get_ident() == self._loop_thread or not loop.is_running():
+            return None
+        return loop
+
     def _require_running(self) -> asyncio.AbstractEventLoop:
         if not self._running or self._loop is None:
             raise ServiceNotRunningError(
@@ -489,10 +641,26 @@ class SSEService:
 
     def _publish_nowait(self, channel: str, payload: bytes, event_id: str | None, *, store: bool) -> None:
         loop = self._require_running()
-        if threading.get_ident() == self._loop_thread:
+        if threading.get_ident() == self._loop_thread and not self._from_threads:
             self._dispatch(channel, payload, event_id, store)
-        else:
-            loop.call_soon_threadsafe(self._dispatch, channel, payload, event_id, store)
+            return
+        # Behind publishes from other threads that are still queued: keep the order.
+        self._from_threads.append((channel, payload, event_id, store))
+        if not self._threads_scheduled:
+            self._threads_scheduled = True
+            loop.call_soon_threadsafe(self._dispatch_from_threads)
+
+    def _dispatch_from_threads(self) -> None:
+        # A burst published from other threads is dispatched a batch per loop turn,
+        # so the streams' writers run between batches: a fast reader is not taken
+        # for a slow consumer because its buffer filled before any write could run.
+        self._threads_scheduled = False
+        queue = self._from_threads
+        for _ in range(min(len(queue), _THREAD_BATCH)):
+            self._dispatch(*queue.popleft())
+        if queue and not self._threads_scheduled and self._loop is not None:
+            self._threads_scheduled = True
+            self._loop.call_soon(self._dispatch_from_threads)
 
     def _dispatch(self, channel: str, payload: bytes, event_id: str | None, store: bool) -> None:
         self._counters.published += 1
@@ -518,9 +686,11 @@ class SSEService:
             message = await self.backend.publish(channel, payload, event_id, store=store)
         except BackendError:
             self._counters.publish_failures += 1
+            self._counters.backend_errors += 1
             raise
         except Exception as exc:
             self._counters.publish_failures += 1
+            self._counters.backend_errors += 1
             raise BackendError(f"could not publish to channel {channel!r}: {exc}") from exc
         self._counters.published += 1
         return message.id
@@ -537,6 +707,7 @@ class SSEService:
             try:
                 await self.backend.publish(channel, payload, event_id, store=store)
             except Exception as exc:
+                self._counters.backend_errors += 1
                 logger.warning(
                     "publish to channel %r failed (%s); %d event(s) waiting, retrying in %.2fs",
                     channel,
@@ -562,12 +733,32 @@ class SSEService:
             logger.error("%d event(s) could not be published before shutdown", len(self._outbox))
             self._outbox.clear()
 
+    async def _release(self, client: SSEClient) -> None:
+        try:
+            await self.backend.release("identity:" + str(client.identity), client.id)
+        except Exception as exc:
+            self._counters.backend_errors += 1
+            logger.warning("could not release the identity slot of stream %s: %s", client.id, exc)
+
+    def _lost(self, channels: Collection[str]) -> None:
+        """The backend could not deliver what these channels missed: close their
+        clients so that they resume, and get the ``gap`` event if history lost it."""
+        doomed: dict[str, SSEClient] = {}
+        for channel in channels:
+            doomed.update(self._channels.get(channel, {}))
+        for client in doomed.values():
+            self._close(client, DisconnectReason.BACKEND_GAP, discard=False)
+
     def _deliver(self, message: Message) -> None:
         """Fan one message out to this process's subscribers, framed once."""
         members = self._channels.get(message.channel)
         if not members:
             return
-        frame = Frame(message.seq, message.channel, wire.frame(message.id, message.payload))
+        if message.payload == _CLOSE and message.channel.startswith(CLIENT_CHANNEL_PREFIX):
+            for client in list(members.values()):
+                self._close(client, DisconnectReason.REPLACED, discard=False)
+            return
+        frame = Frame(message.seq, message.channel, wire.frame(message.id, message.payload), time.monotonic())
         for client in list(members.values()):
             client.push(frame)
 
@@ -581,6 +772,20 @@ class SSEService:
         return True
 
     async def _opening(self, client: SSEClient) -> list[bytes]:
+        """The first bytes of a stream; when a remote backend cannot answer, just the
+        retry hint, and the stream ends so that the browser comes back later."""
+        if not self.backend.remote:
+            return await self._opening_chunks(client)
+        try:
+            async with asyncio.timeout(self.settings.redis_timeout * 2):
+                return await self._opening_chunks(client)
+        except Exception as exc:
+            self._counters.backend_errors += 1
+            logger.warning("cannot open stream %s: the backend does not answer (%s)", client.id, exc or "timed out")
+            self._close(client, DisconnectReason.BACKEND_UNAVAILABLE, discard=True)
+            return [self._retry_frame]
+
+    async def _opening_chunks(self, client: SSEClient) -> list[bytes]:
         """The first bytes of a stream: the retry hint, then either the cursor or the
         replay of what the client missed, merged in order with anything already
         queued for it."""
@@ -631,10 +836,13 @@ class SSEService:
         """A stream ended (for whatever reason): make sure the client is gone."""
         self._close(client, reason, discard=True)
 
-    def _sent(self, events: int, size: int) -> None:
+    def _sent(self, events: int, size: int, created: float = 0.0) -> None:
+        """Count a write; ``created`` is its oldest event's arrival time, if known."""
         counters = self._counters
         counters.events_sent += events
         counters.bytes_sent += size
+        if created:
+            counters.observe_latency(time.monotonic() - created)
 
     # -- internals: background ------------------------------------------------------
 
@@ -654,14 +862,55 @@ class SSEService:
             now = loop.time()
             idle_since = now - interval * 0.75
             never_started = datetime.now(UTC).timestamp() - self.settings.attach_timeout
+            stuck_since = now - self.settings.send_timeout
             for client in list(self._clients.values()):
                 if client.attached:
-                    if client.last_write <= idle_since and not client.buffered_bytes:
+                    if client.sending:
+                        if client.last_write <= stuck_since:
+                            logger.warning(
+                                "client %s is reading too slowly: a write has been blocked for more than "
+                                "send_timeout=%ss; disconnected, it will reconnect and replay",
+                                client.id,
+                                self.settings.send_timeout,
+                            )
+                            self._close(client, DisconnectReason.SLOW_CONSUMER, discard=True)
+                    elif client.last_write <= idle_since and not client.buffered_bytes:
                         client.push(ping)
                 elif client.created_at.timestamp() < never_started:
                     self._close(client, DisconnectReason.NEVER_STARTED, discard=True)
             if isinstance(self.backend, MemoryBackend):
                 self.backend.expire()
+
+
+def _sum_stats(mine: ConnectionStats, others: list[ConnectionStats]) -> ConnectionStats:
+    """Cluster totals: this worker's stats plus the other live workers'."""
+    total = mine.model_copy(update={"scope": "cluster"})
+    by_channel: Counter[str] = Counter(mine.by_channel)
+    disconnects: Counter[str] = Counter(mine.disconnects)
+    refused: Counter[str] = Counter(mine.refused)
+    for other in others:
+        by_channel.update(other.by_channel)
+        disconnects.update(other.disconnects)
+        refused.update(other.refused)
+        for name, value in other:
+            if isinstance(value, int) and name != "workers":
+                setattr(total, name, getattr(total, name) + value)
+        if other.oldest_connection is not None and (
+            total.oldest_connection is None or other.oldest_connection < total.oldest_connection
+        ):
+            total.oldest_connection = other.oldest_connection
+    total.by_channel, total.disconnects, total.refused = dict(by_channel), dict(disconnects), dict(refused)
+    total.workers = 1 + len(others)
+    return total
+
+
+def _run_in(loop: asyncio.AbstractEventLoop, fn: Callable[[], _T]) -> _T:
+    """Run ``fn`` on ``loop`` from another thread and return (or raise) its result."""
+
+    async def call() -> _T:
+        return fn()
+
+    return asyncio.run_coroutine_threadsafe(call(), loop).result()
 
 
 def _make_backend(settings: SSESettings) -> Backend:

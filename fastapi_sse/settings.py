@@ -27,97 +27,136 @@ class SSESettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
 
     heartbeat_interval: float = Field(
-        30.0,
+        default=30.0,
         gt=0,
         description="Seconds an idle stream may stay silent before a `: ping` comment is sent.",
     )
     retry_interval: float = Field(
-        3.0,
+        default=3.0,
         gt=0,
         description="Seconds a browser waits before reconnecting; sent as `retry:` in milliseconds.",
     )
     backend: BackendName = Field(
-        "memory",
+        default="memory",
         description="Where events travel and history is kept: `memory` (one process) or `redis`.",
     )
     redis_url: str = Field(
-        "redis://127.0.0.1:6379/0",
+        default="redis://127.0.0.1:6379/0",
         description="Redis server used when `backend` is `redis`.",
     )
     redis_key_prefix: str = Field(
-        "sse:",
+        default="sse:",
         min_length=1,
         description="Prefix of every Redis key and channel this service uses.",
     )
+    redis_timeout: float = Field(
+        default=5.0,
+        gt=0,
+        description="Seconds to wait for Redis to connect or answer a command before it counts as unreachable.",
+    )
+    redis_max_backoff: float = Field(
+        default=5.0,
+        gt=0,
+        description="Longest wait, in seconds, between attempts to reconnect to Redis (the wait doubles from 0.05 s).",
+    )
+    redis_health_interval: float = Field(
+        default=5.0,
+        gt=0,
+        description=(
+            "Seconds of silence on the Redis subscription connection before it is probed with PING; "
+            "no answer within as long again and the worker reconnects."
+        ),
+    )
+    redis_id_index_size: int = Field(
+        default=100_000,
+        gt=0,
+        description="Caller-given event ids (e.g. `msg-123`) remembered in Redis for resuming; the oldest go first.",
+    )
+    presence_interval: float = Field(
+        default=5.0,
+        gt=0,
+        description=(
+            "Seconds between refreshes of this worker's registration and stats in a shared backend; "
+            "a worker silent for three intervals no longer counts in cluster stats and limits."
+        ),
+    )
     history_size: int = Field(
-        1000,
+        default=1000,
         ge=0,
         description="Events kept per channel for replay to reconnecting clients (0 keeps none).",
     )
     history_ttl: float = Field(
-        3600.0,
+        default=3600.0,
         gt=0,
         description="Seconds an event stays available for replay.",
     )
     max_buffer_bytes: int = Field(
-        256 * 1024,
+        default=256 * 1024,
         ge=1024,
         description="Bytes of unsent events held for one slow client before its overflow policy applies.",
     )
     overflow_policy: OverflowPolicy = Field(
-        "disconnect",
+        default="disconnect",
         description=(
             "What happens to a client whose buffer is full: `disconnect` (it reconnects and "
             "replays), `drop_oldest` or `drop_newest` (events are dropped and counted)."
         ),
     )
     max_connections: int = Field(
-        10_000,
+        default=10_000,
         gt=0,
         description="Open streams allowed in this process; more are refused with HTTP 503.",
     )
     max_connections_per_identity: int = Field(
-        5,
+        default=5,
         gt=0,
         description="Open streams allowed for one identity (e.g. one user).",
     )
     identity_limit_policy: IdentityLimitPolicy = Field(
-        "remove_oldest",
+        default="remove_oldest",
         description=(
             "When an identity is at its limit: `remove_oldest` closes its oldest stream, `refuse` answers HTTP 429."
         ),
     )
     max_channels_per_connection: int = Field(
-        32,
+        default=32,
         gt=0,
         description="Channels one stream may subscribe to.",
     )
     max_channel_length: int = Field(
-        200,
+        default=200,
         gt=0,
         description="Characters allowed in a channel name.",
     )
     channel_pattern: str = Field(
-        r"[A-Za-z0-9][A-Za-z0-9_.:@/=+\-]*",
+        default=r"[A-Za-z0-9][A-Za-z0-9_.:@/=+\-]*",
         description="Regular expression a whole channel name must match.",
     )
     max_event_bytes: int = Field(
-        64 * 1024,
+        default=64 * 1024,
         gt=0,
         description="Largest encoded event in bytes; larger ones are rejected when published.",
     )
     max_last_event_id_length: int = Field(
-        128,
+        default=128,
         gt=0,
         description="Longest `Last-Event-ID` (and event id) accepted, in characters.",
     )
+    send_timeout: float = Field(
+        default=30.0,
+        gt=0,
+        description=(
+            "Seconds one write to a client may stay blocked (the client stopped reading) "
+            "before the client is disconnected as a slow consumer."
+        ),
+    )
     attach_timeout: float = Field(
-        30.0,
+        default=30.0,
         gt=0,
         description=("Seconds a client made by `add_client` may wait for its response to start before it is removed."),
     )
     publish_buffer_size: int = Field(
-        10_000,
+        default=10_000,
         gt=0,
         description=(
             "Fire-and-forget publishes held while a remote backend is unreachable; "

@@ -44,7 +44,7 @@ def check_event_name(event: str) -> bytes:
         raise InvalidEventError(
             f"event name {event!r} is dispatched by browsers for connection state; choose another name"
         )
-    return event.encode()
+    return _utf8(event, "event name")
 
 
 def check_event_id(event_id: str, max_length: int) -> str:
@@ -65,13 +65,22 @@ def check_event_id(event_id: str, max_length: int) -> str:
             f"event id {event_id!r} is only digits, which the service reserves for the ids it "
             "assigns; give yours a prefix such as 'msg-{event_id}'"
         )
+    # Checked here, before the event is stored: the id is encoded only when framed.
+    _utf8(event_id, "event id")
     return event_id
+
+
+def _utf8(text: str, what: str) -> bytes:
+    try:
+        return text.encode()
+    except UnicodeEncodeError as exc:
+        raise InvalidEventError(f"{what} {text!r} is not valid UTF-8 text: {exc.reason}") from None
 
 
 def check_last_event_id(value: str, max_length: int) -> str:
     """Validate a ``Last-Event-ID`` from a request (untrusted input)."""
     if len(value) > max_length:
-        raise ValueError(f"Last-Event-ID is {len(value)} characters, more than the {max_length} allowed")
+        raise ValueError(f"Last-Event-ID is {len(value)} characters, more than max_last_event_id_length={max_length}")
     if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
         raise ValueError("Last-Event-ID contains control characters")
     return value
@@ -94,8 +103,11 @@ def frame_payload(event: bytes, text: str) -> bytes:
     piece, so any string (a trailing newline included) arrives byte for byte.
     """
     lines = [b"event: ", event, b"\n"]
-    for piece in _LINE_END.split(text):
-        lines += (b"data: ", piece.encode(), b"\n")
+    try:
+        for piece in _LINE_END.split(text):
+            lines += (b"data: ", piece.encode(), b"\n")
+    except UnicodeEncodeError as exc:
+        raise InvalidEventError(f"event data is not valid UTF-8 text: {exc.reason}") from None
     return b"".join(lines)
 
 

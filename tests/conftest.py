@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import socket
@@ -70,6 +71,10 @@ class Served:
         return asyncio.run_coroutine_threadsafe(runner(), self.loop).result(timeout)
 
 
+async def _shutdown(sse: Any) -> None:
+    sse.shutdown()
+
+
 @contextmanager
 def serve(app: Any, **config: Any) -> Iterator[Served]:
     """Serve ``app`` with a real uvicorn server on a free loopback port."""
@@ -94,18 +99,39 @@ def serve(app: Any, **config: Any) -> Iterator[Served]:
     try:
         yield Served(app, port, server, loop)
     finally:
+        # Streams are endless: end them first, as the service's signal handler does
+        # under a real uvicorn process (signals cannot be installed off the main thread).
+        sse = getattr(getattr(app, "state", None), "sse", None)
+        if sse is not None and loop.is_running():
+            with contextlib.suppress(Exception):
+                asyncio.run_coroutine_threadsafe(_shutdown(sse), loop).result(10)
         server.should_exit = True
         thread.join(15)
         loop.close()
 
 
 @contextmanager
-def serve_process(target: str, env: dict[str, str] | None = None, *args: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """Run ``uvicorn target`` in its own process on a free port; yields (url, process)."""
-    port = free_port()
+def serve_process(
+    target: str, env: dict[str, str] | None = None, *args: str, port: int | None = None
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """Run ``uvicorn target`` in its own process on ``port`` (a free one by default);
+    yields (url, process). Extra ``args`` go to uvicorn's command line."""
+    port = port or free_port()
     full_env = {**os.environ, **(env or {})}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", target, "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", *args],
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            target,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+            *args,
+        ],
         cwd=ROOT,
         env=full_env,
         stdout=subprocess.PIPE,
@@ -133,14 +159,17 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
 
-def start_redis(port: int | None = None, data_dir: str | None = None) -> RedisServer:
+def start_redis(port: int | None = None, data_dir: str | None = None, *options: str) -> RedisServer:
+    """Start a private redis-server; ``options`` are extra config arguments
+    (``"--appendonly", "yes"`` to keep data across a restart, ``"--requirepass", "pw"``)."""
     exe = shutil.which("redis-server")
     if exe is None:
         raise RuntimeError("redis-server is not installed: run 'make install' (apt-get install redis-server)")
     port = port or free_port()
     data_dir = data_dir or tempfile.mkdtemp(prefix="sse-redis-")
+    args = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", data_dir]
     proc = subprocess.Popen(
-        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", data_dir],
+        [*args, *options],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

@@ -48,6 +48,15 @@ class Backend(ABC):
     """True when messages arrive asynchronously from another process, so the
     service must wait for :meth:`listen` before reading history."""
 
+    errors: int = 0
+    """Failures the backend handled itself without raising to the service (e.g. a
+    lost subscription connection); the service counts those that reach it. Exported
+    by the metrics with them as ``fastapi_sse_backend_errors_total``."""
+
+    reconnects: int = 0
+    """Times the backend re-established a lost connection to its store
+    (``fastapi_sse_backend_reconnects_total``)."""
+
     @abstractmethod
     async def start(self, deliver: Deliver) -> None:
         """Connect; from now on call ``deliver`` for every message on a listened channel."""
@@ -87,4 +96,32 @@ class Backend(ABC):
 
     def publish_nowait(self, channel: str, payload: bytes, event_id: str | None, *, store: bool) -> Message | None:
         """Publish synchronously when the backend can (in-process ones); None otherwise."""
+        return None
+
+    # Shared backends (``remote``) also carry what makes many workers one service.
+    # The in-process defaults below do nothing: one process needs none of it.
+
+    lost: Callable[[Collection[str]], None] | None = None
+    """Set by the service: a remote backend calls it with the channels whose missed
+    events it could not deliver (history no longer held them after a reconnection)."""
+
+    async def announce(self, worker_id: str, info: bytes, ttl: float) -> None:
+        """Register a worker and its opaque ``info`` for ``ttl`` seconds."""
+        return None
+
+    async def withdraw(self, worker_id: str) -> None:
+        """Remove a worker's registration."""
+        return None
+
+    async def peers(self) -> dict[str, bytes]:
+        """The ``info`` of every registered worker, by worker id."""
+        return {}
+
+    async def claim(self, group: str, member: str, limit: int, *, evict: bool) -> list[str] | None:
+        """Add ``member`` to a group capped at ``limit`` across processes. When it is full,
+        return the oldest members removed to make room if ``evict``, else None (refused)."""
+        return []
+
+    async def release(self, group: str, member: str) -> None:
+        """Remove ``member`` from a group made by :meth:`claim`."""
         return None

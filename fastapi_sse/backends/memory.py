@@ -8,13 +8,18 @@ from collections.abc import Collection
 
 from fastapi_sse.backends.base import Backend, Deliver, Message, Replay
 
+_MAX_LOOSE_IDS = 100_000
+
 
 class _History:
-    __slots__ = ("entries", "trimmed_upto")
+    __slots__ = ("entries", "kept_until", "trimmed_upto")
 
     def __init__(self) -> None:
         self.entries: deque[tuple[float, Message]] = deque()
         self.trimmed_upto = 0
+        # With history_size=0 nothing is stored; the channel's trim mark alone is kept
+        # (until this monotonic time) so that a resume reports a gap, not nothing.
+        self.kept_until = 0.0
 
 
 class MemoryBackend(Backend):
@@ -30,6 +35,12 @@ class MemoryBackend(Backend):
         # Highest seq of any channel whose history was dropped whole; a cursor older
         # than this may have missed events on a channel we no longer know.
         self._forgotten_upto = 0
+        # Channels whose history was dropped whole keep their own trim mark for one
+        # more TTL (channel -> (drop time, mark)), so they stay exact if used again.
+        self._marks: dict[str, tuple[float, int]] = {}
+        # Caller ids of events kept out of history (send_to), oldest first, so a
+        # client resuming from one resumes exactly; they expire with the TTL.
+        self._loose_ids: deque[tuple[float, str, int]] = deque()
 
     async def start(self, deliver: Deliver) -> None:
         self._deliver = deliver
@@ -49,15 +60,26 @@ class MemoryBackend(Backend):
     def publish_nowait(self, channel: str, payload: bytes, event_id: str | None, *, store: bool) -> Message:
         self._seq += 1
         message = Message(self._seq, channel, event_id or str(self._seq), payload)
-        if store and self._size:
+        if store:
             history = self._history.get(channel)
             if history is None:
                 history = self._history[channel] = _History()
-            history.entries.append((time.monotonic(), message))
-            if event_id is not None:
-                self._ids[event_id] = message.seq
-            if len(history.entries) > self._size:
-                self._drop_oldest(history)
+                if self._marks:
+                    history.trimmed_upto = self._marks.pop(channel, (0.0, 0))[1]
+            if self._size:
+                history.entries.append((time.monotonic(), message))
+                if event_id is not None:
+                    self._ids[event_id] = message.seq
+                if len(history.entries) > self._size:
+                    self._drop_oldest(history)
+            else:
+                history.trimmed_upto = message.seq
+                history.kept_until = time.monotonic() + self._ttl
+        elif event_id is not None:
+            self._ids[event_id] = message.seq
+            self._loose_ids.append((time.monotonic(), event_id, message.seq))
+            if len(self._loose_ids) > _MAX_LOOSE_IDS:
+                self._forget_loose_id()
         if self._deliver is not None:
             self._deliver(message)
         return message
@@ -85,7 +107,8 @@ class MemoryBackend(Backend):
         for channel in channels:
             history = self._history.get(channel)
             if history is None:
-                if after < self._forgotten_upto:
+                mark = self._marks.get(channel)
+                if after < (mark[1] if mark else self._forgotten_upto):
                     gaps.add(channel)
                 continue
             if history.trimmed_upto > after:
@@ -104,6 +127,16 @@ class MemoryBackend(Backend):
         deadline = time.monotonic() - self._ttl
         for channel in list(self._history):
             self._expire(channel, deadline)
+        for channel, (dropped, _) in list(self._marks.items()):
+            if dropped < deadline:
+                del self._marks[channel]
+        while self._loose_ids and self._loose_ids[0][0] < deadline:
+            self._forget_loose_id()
+
+    def _forget_loose_id(self) -> None:
+        _, event_id, seq = self._loose_ids.popleft()
+        if self._ids.get(event_id) == seq:
+            del self._ids[event_id]
 
     def _expire(self, channel: str, deadline: float) -> None:
         history = self._history.get(channel)
@@ -111,8 +144,9 @@ class MemoryBackend(Backend):
             return
         while history.entries and history.entries[0][0] < deadline:
             self._drop_oldest(history)
-        if not history.entries:
+        if not history.entries and history.kept_until <= time.monotonic():
             self._forgotten_upto = max(self._forgotten_upto, history.trimmed_upto)
+            self._marks[channel] = (time.monotonic(), history.trimmed_upto)
             del self._history[channel]
 
     def _drop_oldest(self, history: _History) -> None:

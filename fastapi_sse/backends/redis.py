@@ -1,0 +1,722 @@
+"""The Redis backend: many workers on many hosts share channels, ids and history.
+
+One ``INCR`` counter numbers every event, so ids increase across channels and
+workers. Storing an event in its channel's history and announcing it with
+``PUBLISH`` happen in one Lua script, so a client resuming on any worker never sees
+live an event that history lacks, or the reverse. Each worker holds one
+subscription connection (a ``PUBLISH`` per channel reaches only the workers whose
+clients listen to it) and publishes through a connection pool.
+
+When the subscription connection is lost, the worker reconnects with backoff,
+subscribes again, and reads from history what its channels missed before it lets
+live messages through again; what history lost is reported to the service, which
+closes those channels' clients so that they resume and receive the ``gap`` event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Collection
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import AuthenticationError, NoPermissionError, RedisError, ResponseError
+
+from fastapi_sse.backends.base import Backend, Deliver, Message, Replay
+from fastapi_sse.errors import BackendError
+
+if TYPE_CHECKING:
+    from fastapi_sse.settings import SSESettings
+
+logger = logging.getLogger("fastapi_sse.redis")
+
+MIN_REDIS_VERSION = (5, 0)
+"""Oldest Redis this backend runs on (``ZPOPMIN``, effect replication of scripts)."""
+
+# Channels named "$client:<worker>.<hex>" (the service's per-client channels) travel
+# on one Redis channel per worker, so a worker holds one subscription for all its
+# clients instead of one per client.
+_CLIENT_PREFIX = "$client:"
+
+# Channels whose last stored event is older than the TTL have lost their whole
+# history (the key expired). Record the newest such seq as the floor below which a
+# cursor may have missed events on a channel we no longer know.
+_SWEEP = """
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function sweep(k_live, k_last, k_trim, k_floor, k_dead, cutoff, now)
+  -- Channels whose history expired whole keep their trim mark (their last seq)
+  -- for one more TTL, so one starting afresh still reports what it lost.
+  local dead = redis.call('ZRANGEBYSCORE', k_dead, '-inf', cutoff, 'LIMIT', 0, 256)
+  if #dead > 0 then
+    redis.call('ZREM', k_dead, unpack(dead))
+    redis.call('HDEL', k_trim, unpack(dead))
+  end
+  local old = redis.call('ZRANGEBYSCORE', k_live, '-inf', cutoff, 'LIMIT', 0, 256)
+  if #old == 0 then return end
+  local floor = tonumber(redis.call('GET', k_floor) or '0')
+  for _, c in ipairs(old) do
+    local last = redis.call('HGET', k_last, c) or '0'
+    if tonumber(last) > floor then floor = tonumber(last) end
+    redis.call('HSET', k_trim, c, last)
+    redis.call('ZADD', k_dead, now, c)
+  end
+  redis.call('SET', k_floor, string.format('%d', floor))
+  redis.call('ZREM', k_live, unpack(old))
+  redis.call('HDEL', k_last, unpack(old))
+end
+local function expire_entries(k_hist, k_trim, channel, cutoff)
+  while true do
+    local first = redis.call('ZRANGE', k_hist, 0, 0, 'WITHSCORES')
+    if #first == 0 then return end
+    local ts = tonumber(string.match(first[1], '^%d+:(%d+):'))
+    if ts > cutoff then return end
+    redis.call('ZREMRANGEBYRANK', k_hist, 0, 0)
+    redis.call('HSET', k_trim, channel, first[2])
+  end
+end
+"""
+
+# A counter that is missing (a new Redis, or one that restarted without its data)
+# starts at the server's time in microseconds, so ids keep increasing past any
+# cursor a client still holds; everything before that start counts as forgotten.
+# KEYS: seq, floor
+_INIT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  local t = redis.call('TIME')
+  local start = string.format('%d', tonumber(t[1]) * 1000000 + tonumber(t[2]))
+  redis.call('SET', KEYS[1], start)
+  redis.call('SET', KEYS[2], start)
+end
+return redis.call('GET', KEYS[1])
+"""
+
+# History entries are members "seq:ms:<id length>:<id><payload>" scored by seq, so one
+# ZRANGEBYSCORE answers a replay; ms (server time) lets entries expire one by one.
+# KEYS: seq, history, last, live, trim, floor, ids, id times, dead
+# ARGV: channel, event id or '', payload, store, history size, ttl ms, pubsub channel, id index size
+_PUBLISH = (
+    _SWEEP
+    + """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  local t = redis.call('TIME')
+  local start = string.format('%d', tonumber(t[1]) * 1000000 + tonumber(t[2]))
+  redis.call('SET', KEYS[1], start)
+  redis.call('SET', KEYS[6], start)
+end
+local seq = redis.call('INCR', KEYS[1])
+local sseq = string.format('%d', seq)
+local channel, id, payload = ARGV[1], ARGV[2], ARGV[3]
+local size, ttl = tonumber(ARGV[5]), tonumber(ARGV[6])
+local now = now_ms()
+local cutoff = now - ttl
+sweep(KEYS[4], KEYS[3], KEYS[5], KEYS[6], KEYS[9], cutoff, now)
+local ids_cutoff = redis.call('ZRANGEBYSCORE', KEYS[8], '-inf', cutoff, 'LIMIT', 0, 256)
+if #ids_cutoff > 0 then
+  redis.call('ZREM', KEYS[8], unpack(ids_cutoff))
+  redis.call('HDEL', KEYS[7], unpack(ids_cutoff))
+end
+if ARGV[4] == '1' and size > 0 then
+  if redis.call('ZREM', KEYS[9], channel) == 0 and redis.call('HEXISTS', KEYS[5], channel) == 0 then
+    -- A channel unknown for two TTLs may have had a history that expired whole.
+    redis.call('HSET', KEYS[5], channel, redis.call('GET', KEYS[6]) or '0')
+  end
+  local eid = id
+  if eid == '' then eid = sseq end
+  redis.call('ZADD', KEYS[2], seq, sseq .. ':' .. string.format('%d', now) .. ':' .. #eid .. ':' .. eid .. payload)
+  local n = redis.call('ZCARD', KEYS[2])
+  if n > size then
+    local cut = redis.call('ZRANGE', KEYS[2], n - size - 1, n - size - 1, 'WITHSCORES')
+    redis.call('ZREMRANGEBYRANK', KEYS[2], 0, n - size - 1)
+    redis.call('HSET', KEYS[5], channel, cut[2])
+  end
+  expire_entries(KEYS[2], KEYS[5], channel, cutoff)
+  redis.call('PEXPIRE', KEYS[2], ttl)
+  redis.call('ZADD', KEYS[4], now, channel)
+  redis.call('HSET', KEYS[3], channel, sseq)
+end
+-- Ids of events kept out of history (send_to) are indexed too: a client that
+-- resumes from one is at a known position in the sequence.
+if id ~= '' then
+  redis.call('HSET', KEYS[7], id, sseq)
+  redis.call('ZADD', KEYS[8], now, id)
+  local extra = redis.call('ZCARD', KEYS[8]) - tonumber(ARGV[8])
+  if extra > 0 then
+    local gone = redis.call('ZPOPMIN', KEYS[8], extra)
+    for i = 1, #gone, 2 do redis.call('HDEL', KEYS[7], gone[i]) end
+  end
+end
+redis.call('PUBLISH', ARGV[7], sseq .. '\\n' .. #id .. '\\n' .. #channel .. '\\n' .. id .. channel .. payload)
+return seq
+"""
+)
+
+# KEYS: seq, last, live, trim, floor, dead, then one history key per channel
+# ARGV: after, ttl ms, then the channels
+_REPLAY = (
+    _SWEEP
+    + """
+local after, ttl = tonumber(ARGV[1]), tonumber(ARGV[2])
+local now = now_ms()
+local cutoff = now - ttl
+sweep(KEYS[3], KEYS[2], KEYS[4], KEYS[5], KEYS[6], cutoff, now)
+local floor = tonumber(redis.call('GET', KEYS[5]) or '0')
+local gaps, found = {}, {}
+for i = 3, #ARGV do
+  local channel, hist = ARGV[i], KEYS[i + 4]
+  expire_entries(hist, KEYS[4], channel, cutoff)
+  local trim = redis.call('HGET', KEYS[4], channel)
+  if redis.call('EXISTS', hist) == 0 then
+    local mark = floor
+    if trim then mark = math.max(tonumber(trim), tonumber(redis.call('HGET', KEYS[2], channel) or '0')) end
+    if after < mark then table.insert(gaps, channel) end
+  elseif tonumber(trim or '0') > after then
+    table.insert(gaps, channel)
+  else
+    for _, m in ipairs(redis.call('ZRANGEBYSCORE', hist, '(' .. ARGV[1], '+inf')) do
+      table.insert(found, channel)
+      table.insert(found, m)
+    end
+  end
+end
+return {redis.call('GET', KEYS[1]) or '0', gaps, found}
+"""
+)
+
+# KEYS: the group. ARGV: member, limit, evict, presence key prefix.
+# Members are "<owner>.<rest>"; those of owners whose presence key expired are dropped.
+_CLAIM = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+for _, m in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  local owner = string.match(m, '^([^.]+)%.')
+  if owner == nil or redis.call('EXISTS', ARGV[4] .. owner) == 0 then
+    redis.call('ZREM', KEYS[1], m)
+  end
+end
+local evicted = {}
+local over = redis.call('ZCARD', KEYS[1]) - tonumber(ARGV[2]) + 1
+if over > 0 then
+  if ARGV[3] ~= '1' then return false end
+  local popped = redis.call('ZPOPMIN', KEYS[1], over)
+  for i = 1, #popped, 2 do table.insert(evicted, popped[i]) end
+end
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+return evicted
+"""
+
+
+def _redact(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    user = f"{parts.username}:***@" if parts.username else ":***@"
+    return urlunsplit((parts.scheme, user + host, parts.path, parts.query, parts.fragment))
+
+
+def _parse_member(channel: str, member: bytes) -> Message:
+    seq, _, rest = member.partition(b":")
+    _, _, rest = rest.partition(b":")
+    length, _, rest = rest.partition(b":")
+    cut = int(length)
+    return Message(int(seq), channel, rest[:cut].decode(), rest[cut:])
+
+
+def _parse_published(data: bytes) -> Message:
+    seq, id_length, channel_length, rest = data.split(b"\n", 3)
+    a, b = int(id_length), int(channel_length)
+    event_id = rest[:a].decode()
+    return Message(int(seq), rest[a : a + b].decode(), event_id or seq.decode(), rest[a + b :])
+
+
+class RedisBackend(Backend):
+    """Channels, ids and history shared by every worker connected to one Redis.
+
+    Build it with :meth:`from_settings` (``SSE_BACKEND=redis`` does it for you).
+    Every key and channel starts with ``key_prefix``, so several services (or test
+    runs) can share one Redis.
+    """
+
+    remote = True
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        key_prefix: str = "sse:",
+        history_size: int = 1000,
+        history_ttl: float = 3600.0,
+        id_index_size: int = 100_000,
+        timeout: float = 5.0,
+        max_backoff: float = 5.0,
+        health_interval: float = 5.0,
+    ) -> None:
+        self.url = url
+        self.prefix = key_prefix
+        self.history_size = history_size
+        self.history_ttl = history_ttl
+        self.id_index_size = id_index_size
+        self.timeout = timeout
+        self.max_backoff = max_backoff
+        self.health_interval = health_interval
+        self._redis: aioredis.Redis | None = None
+        self._subscriber: aioredis.Redis | Any = None
+        self._deliver: Deliver | None = None
+        self._routes: dict[str, int] = {}  # Redis channel -> listened channels routed to it
+        self._listened: dict[str, int] = {}  # channel -> seq it has been live since
+        self._waiting: dict[str, list[asyncio.Future[None]]] = {}
+        self._pubsub: Any = None
+        self._lock = asyncio.Lock()
+        self._ready: asyncio.Future[None] | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._last_seq = 0
+        self._closing = False
+        k = key_prefix
+        self._k_seq, self._k_last, self._k_live = k + "seq", k + "last", k + "live"
+        self._k_trim, self._k_floor, self._k_dead = k + "trim", k + "floor", k + "dead"
+        self._k_ids, self._k_id_times = k + "ids", k + "idtimes"
+        self._k_workers, self._k_sys = k + "workers", k + "sys"
+
+    @classmethod
+    def from_settings(cls, settings: SSESettings) -> RedisBackend:
+        """A backend configured by ``SSE_REDIS_*`` and the history settings."""
+        return cls(
+            settings.redis_url,
+            key_prefix=settings.redis_key_prefix,
+            history_size=settings.history_size,
+            history_ttl=settings.history_ttl,
+            id_index_size=settings.redis_id_index_size,
+            timeout=settings.redis_timeout,
+            max_backoff=settings.redis_max_backoff,
+            health_interval=settings.redis_health_interval,
+        )
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def start(self, deliver: Deliver) -> None:
+        """Check the server (reachable, credentials, scripting, version), then open the
+        subscription connection. Raises :class:`BackendError` saying what to fix."""
+        where = _redact(self.url)
+        try:
+            # One retry: a pooled connection may be stale after Redis restarted.
+            client = aioredis.Redis.from_url(
+                self.url,
+                retry=Retry(NoBackoff(), 1),
+                socket_timeout=self.timeout,
+                socket_connect_timeout=self.timeout,
+            )
+            # The subscription connection has its own single-connection pool and no
+            # retries: a silent reconnect inside redis-py would skip the catch-up.
+            self._subscriber = aioredis.Redis.from_url(
+                self.url,
+                retry=Retry(NoBackoff(), 0),
+                socket_timeout=self.timeout,
+                socket_connect_timeout=self.timeout,
+                max_connections=1,
+            )
+        except ValueError as exc:
+            raise BackendError(f"SSE_REDIS_URL {where!r} is not a Redis URL: {exc}") from None
+        try:
+            await client.ping()
+            info = await client.info("server")
+            version = tuple(int(p) for p in str(info.get("redis_version", "0.0")).split(".")[:2])
+            if version < MIN_REDIS_VERSION:
+                raise BackendError(
+                    f"Redis at {where} is version {info.get('redis_version')}; the redis backend needs "
+                    f"{'.'.join(map(str, MIN_REDIS_VERSION))} or newer"
+                )
+            await client.eval("return 1", 0)
+            self._init_script = client.register_script(_INIT)
+            self._last_seq = int(await self._init_script([self._k_seq, self._k_floor]))
+        except AuthenticationError as exc:
+            await client.aclose()
+            await self._subscriber.aclose()
+            raise BackendError(
+                f"Redis at {where} refused the credentials ({exc}): fix the user/password in SSE_REDIS_URL"
+            ) from None
+        except (NoPermissionError, ResponseError) as exc:
+            await client.aclose()
+            await self._subscriber.aclose()
+            if "auth" in str(exc).lower():
+                raise BackendError(
+                    f"Redis at {where} needs a password ({exc}): put it in SSE_REDIS_URL "
+                    "(redis://:password@host:port/0)"
+                ) from None
+            raise BackendError(
+                f"Redis at {where} does not allow what the backend needs ({exc}): it must allow "
+                "EVAL/EVALSHA, PUBLISH/SUBSCRIBE and the keys under SSE_REDIS_KEY_PREFIX"
+            ) from None
+        except BackendError:
+            await client.aclose()
+            await self._subscriber.aclose()
+            raise
+        except (RedisError, OSError) as exc:
+            await client.aclose()
+            await self._subscriber.aclose()
+            raise BackendError(
+                f"cannot reach Redis at {where} ({exc}): check SSE_REDIS_URL and that the server is running"
+            ) from None
+        self._redis = client
+        self._closing = False
+        self._publish_script = client.register_script(_PUBLISH)
+        self._replay_script = client.register_script(_REPLAY)
+        self._claim_script = client.register_script(_CLAIM)
+        self._deliver = deliver
+        self._ready = asyncio.get_running_loop().create_future()
+        self._reader = asyncio.get_running_loop().create_task(self._run())
+        try:
+            async with asyncio.timeout(self.timeout * 2):
+                await asyncio.shield(self._ready)
+        except Exception:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.wait([self._reader], timeout=self.timeout)
+            self._reader = None
+        if self._redis is not None:
+            await self._redis.aclose()
+            await self._subscriber.aclose()
+            self._redis = None
+        self._deliver = None
+
+    # -- subscriptions -----------------------------------------------------------------
+
+    def _route(self, channel: str) -> str:
+        if channel.startswith(_CLIENT_PREFIX):
+            worker, dot, _ = channel[len(_CLIENT_PREFIX) :].partition(".")
+            if dot:
+                return self.prefix + "w:" + worker
+        return self.prefix + "c:" + channel
+
+    async def listen(self, channels: Collection[str]) -> None:
+        """Subscribe (once per Redis channel) and return when Redis has confirmed it;
+        raises :class:`BackendError` while Redis is unreachable."""
+        fresh: list[str] = []
+        waits: list[asyncio.Future[None]] = []
+        async with self._lock:
+            pubsub = self._pubsub
+            if pubsub is None:
+                raise BackendError(f"not connected to Redis at {_redact(self.url)}; reconnecting")
+            new = [c for c in channels if c not in self._listened]
+            for channel in new:
+                route = self._route(channel)
+                self._routes[route] = self._routes.get(route, 0) + 1
+                if self._routes[route] == 1:
+                    fresh.append(route)
+                    future = asyncio.get_running_loop().create_future()
+                    self._waiting.setdefault(route, []).append(future)
+                    waits.append(future)
+                self._listened[channel] = self._last_seq
+            try:
+                if fresh:
+                    await pubsub.subscribe(*fresh)
+            except (RedisError, OSError) as exc:
+                self._forget(new)
+                raise BackendError(f"could not subscribe on Redis at {_redact(self.url)}: {exc}") from exc
+        try:
+            if waits:
+                async with asyncio.timeout(self.timeout):
+                    await asyncio.gather(*waits)
+        except (BackendError, TimeoutError) as exc:
+            # Not live: forget them, so that the service's retry subscribes again.
+            self._forget(new)
+            raise BackendError(f"Redis did not confirm the subscription: {exc or 'timed out'}") from exc
+        tracked = [c for c in new if not c.startswith(_CLIENT_PREFIX)]
+        if tracked:
+            # Events before this point are not this worker's to catch up on later.
+            with contextlib.suppress(BackendError):
+                head = await self.head()
+                for channel in tracked:
+                    if channel in self._listened:
+                        self._listened[channel] = max(self._listened[channel], head)
+
+    def _forget(self, channels: Collection[str]) -> None:
+        for channel in channels:
+            if self._listened.pop(channel, None) is None:
+                continue
+            route = self._route(channel)
+            count = self._routes.get(route, 0) - 1
+            if count > 0:
+                self._routes[route] = count
+            else:
+                self._routes.pop(route, None)
+                for future in self._waiting.pop(route, ()):
+                    future.cancel()
+
+    async def unlisten(self, channels: Collection[str]) -> None:
+        async with self._lock:
+            before = set(self._routes)
+            self._forget(channels)
+            gone = sorted(before - set(self._routes))
+            if gone and self._pubsub is not None:
+                with contextlib.suppress(RedisError, OSError):
+                    await self._pubsub.unsubscribe(*gone)
+
+    # -- publishing and history -----------------------------------------------------------
+
+    def _client(self) -> aioredis.Redis:
+        if self._redis is None:
+            raise BackendError("the redis backend is not started")
+        return self._redis
+
+    async def publish(self, channel: str, payload: bytes, event_id: str | None, *, store: bool) -> Message:
+        self._client()
+        keys = [
+            self._k_seq,
+            self.prefix + "h:" + channel,
+            self._k_last,
+            self._k_live,
+            self._k_trim,
+            self._k_floor,
+            self._k_ids,
+            self._k_id_times,
+            self._k_dead,
+        ]
+        args: list[Any] = [
+            channel,
+            event_id or "",
+            payload,
+            "1" if store else "0",
+            self.history_size,
+            round(self.history_ttl * 1000),
+            self._route(channel),
+            self.id_index_size,
+        ]
+        try:
+            seq = int(await self._publish_script(keys, args))
+        except (RedisError, OSError) as exc:
+            raise BackendError(
+                f"could not publish to channel {channel!r} on Redis at {_redact(self.url)}: {exc}"
+            ) from exc
+        return Message(seq, channel, event_id or str(seq), payload)
+
+    async def head(self) -> int:
+        try:
+            return int(await self._client().get(self._k_seq) or 0)
+        except (RedisError, OSError) as exc:
+            raise BackendError(f"could not read from Redis at {_redact(self.url)}: {exc}") from exc
+
+    async def resolve(self, event_id: str) -> int | None:
+        try:
+            seq = await self._client().hget(self._k_ids, event_id)
+        except (RedisError, OSError) as exc:
+            raise BackendError(f"could not read from Redis at {_redact(self.url)}: {exc}") from exc
+        if seq is not None:
+            return int(seq)
+        if event_id.isascii() and event_id.isdigit():
+            value = int(event_id)
+            return value if value <= await self.head() else None
+        return None
+
+    async def replay(self, channels: Collection[str], after: int | None) -> Replay:
+        names = list(dict.fromkeys(channels))
+        if after is None:
+            return Replay((), await self.head(), frozenset(names))
+        keys = [self._k_seq, self._k_last, self._k_live, self._k_trim, self._k_floor, self._k_dead]
+        keys += [self.prefix + "h:" + c for c in names]
+        try:
+            head, gaps, found = await self._replay_script(keys, [after, round(self.history_ttl * 1000), *names])
+        except (RedisError, OSError) as exc:
+            raise BackendError(f"could not read history from Redis at {_redact(self.url)}: {exc}") from exc
+        messages = [_parse_member(found[i].decode(), found[i + 1]) for i in range(0, len(found), 2)]
+        messages.sort(key=lambda m: m.seq)
+        return Replay(messages, int(head), frozenset(g.decode() for g in gaps))
+
+    # -- presence and shared limits ---------------------------------------------------------
+
+    async def announce(self, worker_id: str, info: bytes, ttl: float) -> None:
+        """Register a worker and its opaque ``info`` for ``ttl`` seconds."""
+        try:
+            async with self._client().pipeline(transaction=False) as pipe:
+                pipe.set(self.prefix + "wk:" + worker_id, info, px=max(1, round(ttl * 1000)))
+                pipe.sadd(self._k_workers, worker_id)
+                await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise BackendError(f"could not register worker on Redis at {_redact(self.url)}: {exc}") from exc
+
+    async def withdraw(self, worker_id: str) -> None:
+        """Remove a worker's registration (at shutdown)."""
+        async with self._client().pipeline(transaction=False) as pipe:
+            pipe.delete(self.prefix + "wk:" + worker_id)
+            pipe.srem(self._k_workers, worker_id)
+            await pipe.execute()
+
+    async def peers(self) -> dict[str, bytes]:
+        """The ``info`` of every worker whose registration has not expired."""
+        client = self._client()
+        try:
+            members: set[bytes] = await client.smembers(self._k_workers)  # type: ignore[assignment]
+            workers = sorted(w.decode() for w in members)
+            infos: list[bytes | None] = (
+                await client.mget([self.prefix + "wk:" + w for w in workers]) if workers else []  # type: ignore[assignment]
+            )
+            dead = [w for w, info in zip(workers, infos, strict=True) if info is None]
+            if dead:
+                await client.srem(self._k_workers, *dead)
+        except (RedisError, OSError) as exc:
+            raise BackendError(f"could not read workers from Redis at {_redact(self.url)}: {exc}") from exc
+        return {w: info for w, info in zip(workers, infos, strict=True) if info is not None}
+
+    async def claim(self, group: str, member: str, limit: int, *, evict: bool) -> list[str] | None:
+        """Add ``member`` (``<worker_id>.<rest>``) to a group capped at ``limit`` across
+        every worker. When the group is full, remove and return its oldest members
+        if ``evict``, else refuse and return None. Members of workers whose
+        registration expired do not count."""
+        try:
+            result = await self._claim_script(
+                [self.prefix + "g:" + group], [member, limit, "1" if evict else "0", self.prefix + "wk:"]
+            )
+        except (RedisError, OSError) as exc:
+            raise BackendError(f"could not update a shared limit on Redis at {_redact(self.url)}: {exc}") from exc
+        if result is None:
+            return None
+        return [m.decode() for m in result]
+
+    async def release(self, group: str, member: str) -> None:
+        """Remove ``member`` from a group made by :meth:`claim`."""
+        try:
+            await self._client().zrem(self.prefix + "g:" + group, member)
+        except (RedisError, OSError) as exc:
+            raise BackendError(f"could not update a shared limit on Redis at {_redact(self.url)}: {exc}") from exc
+
+    # -- the subscription connection --------------------------------------------------------
+
+    async def _run(self) -> None:
+        """Hold the subscription connection: connect, catch up, read; on any failure
+        start again after a growing delay."""
+        delay = 0.05
+        first = True
+        while not self._closing:
+            pubsub: Any = self._subscriber.pubsub()
+            try:
+                pending = await self._connect(pubsub, catch_up=not first)
+                if self._ready is not None and not self._ready.done():
+                    self._ready.set_result(None)
+                if not first:
+                    self.reconnects += 1
+                    logger.warning("reconnected to Redis at %s", _redact(self.url))
+                first = False
+                delay = 0.05
+                for message in pending:
+                    self._on_message(message)
+                await self._read(pubsub)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if self._closing:
+                    return
+                self.errors += 1
+                if first and self._ready is not None and not self._ready.done():
+                    self._ready.set_exception(BackendError(f"cannot subscribe on Redis at {_redact(self.url)}: {exc}"))
+                    return
+                logger.warning(
+                    "lost the Redis subscription connection to %s (%s); reconnecting in %.2fs",
+                    _redact(self.url),
+                    exc,
+                    delay,
+                )
+            finally:
+                self._pubsub = None
+                for futures in self._waiting.values():
+                    for future in futures:
+                        if not future.done():
+                            future.set_exception(BackendError("the Redis subscription connection was lost"))
+                self._waiting.clear()
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self.max_backoff)
+
+    async def _connect(self, pubsub: Any, *, catch_up: bool) -> list[dict[str, Any]]:
+        """Subscribe to every routed channel, wait for Redis to confirm, then deliver
+        from history what the listened channels missed. Returns live messages read
+        meanwhile, to be handled after the catch-up."""
+        async with self._lock:
+            await self._init_script([self._k_seq, self._k_floor])
+            routes = [self._k_sys, *self._routes]
+            await pubsub.subscribe(*routes)
+            unconfirmed = {r.encode() for r in routes}
+            pending: list[dict[str, Any]] = []
+            async with asyncio.timeout(self.timeout):
+                while unconfirmed:
+                    message = await pubsub.get_message(timeout=self.timeout)
+                    if message is None:
+                        continue
+                    if message["type"] == "subscribe":
+                        unconfirmed.discard(message["channel"])
+                    elif message["type"] == "message":
+                        pending.append(message)
+            if catch_up:
+                await self._catch_up()
+            self._pubsub = pubsub
+        return pending
+
+    async def _catch_up(self) -> None:
+        """Deliver, in order, what history holds after the last delivered seq on every
+        listened channel; report the channels whose history no longer reaches back."""
+        by_after: dict[int, list[str]] = {}
+        for channel, since in self._listened.items():
+            if not channel.startswith(_CLIENT_PREFIX):
+                by_after.setdefault(max(since, self._last_seq), []).append(channel)
+        messages: list[Message] = []
+        gaps: set[str] = set()
+        for after, channels in by_after.items():
+            replay = await self.replay(channels, after)
+            messages.extend(replay.messages)
+            gaps |= replay.gaps
+        messages.sort(key=lambda m: m.seq)
+        for message in messages:
+            self._handle(message)
+        if gaps:
+            logger.warning(
+                "history no longer holds what %d channel(s) missed while Redis was unreachable; "
+                "their clients are closed so that they resume",
+                len(gaps),
+            )
+            if self.lost is not None:
+                self.lost(sorted(gaps))
+
+    async def _read(self, pubsub: Any) -> None:
+        probe_sent = False
+        while True:
+            message = await pubsub.get_message(timeout=self.health_interval)
+            if message is None:
+                if probe_sent:
+                    raise ConnectionError(f"Redis did not answer PING within {self.health_interval}s")
+                await pubsub.ping()
+                probe_sent = True
+                continue
+            probe_sent = False
+            self._on_message(message)
+
+    def _on_message(self, message: dict[str, Any]) -> None:
+        kind = message["type"]
+        if kind == "message":
+            self._handle(_parse_published(message["data"]))
+        elif kind == "subscribe":
+            for future in self._waiting.pop(message["channel"].decode(), ()):
+                if not future.done():
+                    future.set_result(None)
+
+    def _handle(self, message: Message) -> None:
+        # After a reconnection the catch-up has already delivered these.
+        if message.seq <= self._last_seq:
+            return
+        self._last_seq = message.seq
+        if self._deliver is not None:
+            self._deliver(message)

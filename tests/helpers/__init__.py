@@ -1,0 +1,1 @@
+"""Small helpers shared by the tests: real SSE clients and test apps."""

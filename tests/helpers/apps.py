@@ -1,0 +1,47 @@
+"""Test apps built the way users build them: the router factory, or the seed's pattern."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from conftest import Served, serve
+from fastapi import FastAPI, Request
+
+from fastapi_sse import SSEDep, SSEService, SSESettings, allow_all, create_sse_router, get_sse_from_app, sse_lifespan
+
+
+def fast_settings(**overrides: Any) -> SSESettings:
+    """Settings with intervals small enough for tests (no heartbeat unless asked)."""
+    values: dict[str, Any] = {"heartbeat_interval": 3600.0, "retry_interval": 0.5}
+    values.update(overrides)
+    return SSESettings(**values)
+
+
+def router_app(settings: SSESettings | None = None, **router_kwargs: Any) -> FastAPI:
+    """An app whose only routes come from ``create_sse_router``."""
+    app = FastAPI()
+    router_kwargs.setdefault("authorize", allow_all)
+    app.include_router(create_sse_router(settings or fast_settings(), **router_kwargs))
+    return app
+
+
+def seed_app(settings: SSESettings | None = None) -> FastAPI:
+    """The seed's own endpoint: ``add_client`` then ``subscribe`` inside the handler."""
+    app = FastAPI(lifespan=sse_lifespan(settings or fast_settings()))
+
+    @app.get("/events")
+    async def events(request: Request, sse: SSEDep, user: str, last_event_id: str | None = None) -> Any:
+        client, response = sse.add_client(request.headers.get("last-event-id") or last_event_id)
+        sse.subscribe(client.id, f"user:{user}")
+        return response
+
+    return app
+
+
+@contextmanager
+def served(app: FastAPI) -> Iterator[tuple[Served, SSEService]]:
+    """Serve ``app`` with uvicorn and hand back its running service."""
+    with serve(app) as server:
+        yield server, get_sse_from_app(app)
