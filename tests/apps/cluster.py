@@ -1,0 +1,60 @@
+"""A worker of a cluster test: the router's subscribe endpoint plus routes to publish
+and to look at this worker. Every setting comes from ``SSE_*`` variables, so tests
+run several of these on one Redis with ``SSE_BACKEND=redis``.
+
+``GET /subscribe?channel=..&user=..`` opens a stream (``user`` is the identity);
+``POST /publish`` publishes (``wait=1`` awaits the backend, otherwise fire-and-forget).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+
+from fastapi_sse import BackendError, SSEDep, allow_all, create_sse_router
+
+
+def identify(request: Request) -> str | None:
+    return request.query_params.get("user")
+
+
+app = FastAPI()
+app.include_router(create_sse_router(authorize=allow_all, identify=identify, admin_dependencies=[]))
+
+
+@app.post("/publish")
+async def publish(
+    sse: SSEDep, event: str, data: str, channel: str | None = None, to: str | None = None, wait: bool = False
+) -> dict[str, Any]:
+    """Publish ``data`` on ``channel``, to every client (no channel), or to client ``to``."""
+    if wait:
+        try:
+            if to is not None:
+                return {"id": await sse.publish_to(to, event, data)}
+            if channel is None:
+                return {"id": await sse.publish_all(event, data)}
+            return {"id": await sse.publish(channel, event, data)}
+        except BackendError as exc:
+            return {"error": str(exc)}
+    if to is not None:
+        return {"sent": sse.send_to(to, event, data)}
+    if channel is None:
+        sse.broadcast_all(event, data)
+    else:
+        sse.broadcast(channel, event, data)
+    return {"sent": True}
+
+
+@app.get("/local")
+async def local(sse: SSEDep) -> dict[str, Any]:
+    """This worker's own view: its clients and counters."""
+    stats = sse.stats()
+    return {
+        "worker_id": sse.worker_id,
+        "clients": {c.id: sorted(c.channels) for c in sse.get_clients()},
+        "listening": sorted(getattr(sse.backend, "_listened", {})),
+        "reconnects": sse.backend.reconnects,
+        "pending_publishes": stats.pending_publishes,
+        "disconnects": stats.disconnects,
+    }

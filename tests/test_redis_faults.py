@@ -1,0 +1,264 @@
+"""Redis goes away and comes back while workers serve streams: clients stay connected,
+keep their heartbeats, and receive every event history kept, in order, once."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import uuid
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from typing import Any
+
+import pytest
+import redis
+from conftest import RedisServer, serve_process, start_redis
+from helpers.streams import RawResponse, open_stream, raw_stream, wait_until
+from test_backend_contract import Inbox
+from test_redis_cluster import APP, cluster_env, local, publish, read_until
+
+from fastapi_sse import BackendError, SSEService, SSESettings
+from fastapi_sse.backends.redis import RedisBackend
+
+DURABLE = ("--appendonly", "yes", "--appendfsync", "always")
+
+
+@contextmanager
+def private_redis(*options: str) -> Iterator[RedisServer]:
+    server = start_redis(None, None, *options)
+    try:
+        yield server
+    finally:
+        server.proc.kill()
+        server.proc.wait(10)
+
+
+def kill(server: RedisServer) -> None:
+    server.proc.send_signal(signal.SIGKILL)
+    server.proc.wait(10)
+
+
+def restart(server: RedisServer, *options: str) -> None:
+    """Start redis-server again on the same port and data directory."""
+    server.proc = start_redis(server.port, server.dir, *options).proc
+
+
+def next_ping(raw: RawResponse) -> None:
+    """Read the stream until a heartbeat arrives that was not there before."""
+    start = len(raw.body)
+    while b": ping" not in raw.body[start:]:
+        assert raw._read_chunk(), "the stream ended"
+
+
+def pubsub_connections(server: RedisServer) -> int:
+    with redis.Redis(port=server.port) as r:
+        return sum(1 for c in r.client_list() if c.get("flags") == "P" or c.get("sub", "0") != "0")
+
+
+def test_redis_restart_loses_nothing_history_kept(tmp_path: Any) -> None:
+    with private_redis(*DURABLE) as server:
+        env = cluster_env(server, f"test:{uuid.uuid4().hex[:10]}:", heartbeat_interval=0.3)
+        with serve_process(APP, env) as (one, _), serve_process(APP, env) as (two, _), ExitStack() as stack:
+            x = stack.enter_context(open_stream(one + "/subscribe", params={"channel": "r"}))
+            y = stack.enter_context(open_stream(two + "/subscribe", params={"channel": "r"}))
+            raw = stack.enter_context(raw_stream(int(two.rsplit(":", 1)[1]), "/subscribe?channel=quiet"))
+            before = publish(two, "before", channel="r")["id"]
+            assert read_until(x, '"before"') == read_until(y, '"before"') == [(before, '"before"')]
+            assert pubsub_connections(server) == 2
+
+            kill(server)
+            # An awaited publish says so; fire-and-forget ones wait in the outbox.
+            failed = publish(two, "lost", channel="r")
+            assert "could not publish" in failed["error"]
+            for i in range(3):
+                assert publish(one, f"down-{i}", channel="r", wait=False) == {"sent": True}
+            assert local(one)["pending_publishes"] == 3
+            next_ping(raw)  # streams keep their heartbeats while Redis is away
+            # A new stream cannot start: it gets the retry hint and ends, so the
+            # browser comes back after the retry delay (a 5xx would stop it for good).
+            with open_stream(one + "/subscribe", params={"channel": "r"}, opened=False) as refused:
+                assert refused.rest() == [] and refused.retry == 200
+            assert local(one)["disconnects"] == {"backend_unavailable": 1}
+
+            restart(server, *DURABLE)
+            wait_until(lambda: local(one)["pending_publishes"] == 0, timeout=10, message="the outbox to drain")
+            wait_until(lambda: local(two)["reconnects"] >= 1, timeout=10, message="worker two to reconnect")
+            after = publish(two, "after", channel="r")["id"]
+            expected = ['"down-0"', '"down-1"', '"down-2"', '"after"']
+            for stream in (x, y):
+                got = read_until(stream, '"after"')
+                assert [d for _, d in got] == expected
+                ids = [int(i) for i, _ in got]
+                assert ids == sorted(set(ids)) and int(before) < ids[0] and ids[-1] == int(after)
+            # Each worker holds one subscription connection again, and no stale one.
+            wait_until(lambda: pubsub_connections(server) == 2, message="one subscription per worker")
+            assert local(one)["clients"] and local(two)["clients"]
+
+
+def test_redis_that_lost_its_data_makes_clients_resume_with_a_gap() -> None:
+    with private_redis() as server:
+        env = cluster_env(server, f"test:{uuid.uuid4().hex[:10]}:")
+        with serve_process(APP, env) as (one, _):
+            with open_stream(one + "/subscribe", params={"channel": "r"}) as stream:
+                before = publish(one, "before", channel="r")["id"]
+                assert read_until(stream, '"before"') == [(before, '"before"')]
+                kill(server)
+                restart(server)
+                # History is gone: the worker cannot know what it missed, so it closes
+                # the stream instead of pretending nothing happened.
+                assert stream.rest() == []
+            assert local(one)["disconnects"] == {"backend_gap": 1}
+            with open_stream(
+                one + "/subscribe", params={"channel": "r"}, headers={"Last-Event-ID": before}, opened=False
+            ) as resumed:
+                gap = resumed.next_event()
+                assert gap.event == "gap"
+                assert json.loads(gap.data) == {"channels": ["r"], "all": True, "last_event_id": before}
+                live = publish(one, "live", channel="r")["id"]
+                assert int(live) > int(before)
+                assert read_until(resumed, '"live"') == [(live, '"live"')]
+
+
+@pytest.mark.anyio
+async def test_start_fails_with_what_to_fix(redis_server: RedisServer) -> None:
+    from conftest import free_port
+
+    async def start_error(url: str) -> str:
+        sse = SSEService(SSESettings(backend="redis", redis_url=url, redis_timeout=2))
+        with pytest.raises(BackendError) as info:
+            await sse.start()
+        return str(info.value)
+
+    message = await start_error(f"redis://127.0.0.1:{free_port()}/0")
+    assert "cannot reach Redis at redis://127.0.0.1:" in message and "check SSE_REDIS_URL" in message
+    with private_redis("--requirepass", "s3cret") as locked:
+        message = await start_error(f"redis://:wrong@127.0.0.1:{locked.port}/0")
+        assert "fix the user/password in SSE_REDIS_URL" in message and "s3cret" not in message
+        assert "wrong" not in message
+        message = await start_error(f"redis://127.0.0.1:{locked.port}/0")
+        assert "SSE_REDIS_URL" in message and "password" in message
+    with private_redis("--rename-command", "EVAL", "") as no_scripts:
+        message = await start_error(no_scripts.url)
+        assert "EVAL" in message
+
+
+class Cuttable:
+    """A TCP proxy to Redis that a test can cut (every connection drops, new ones are
+    refused) and heal: the network between a worker and Redis, under test control."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.open = True
+        self._pipes: set[asyncio.StreamWriter] = set()
+        self._silenced: set[asyncio.StreamWriter] = set()
+        self._server: asyncio.Server | None = None
+        self.port = 0
+
+    async def __aenter__(self) -> Cuttable:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.cut()
+        assert self._server is not None
+        self._server.close()
+        await self._server.wait_closed()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def cut(self) -> None:
+        self.open = False
+        for writer in list(self._pipes):
+            writer.transport.abort()
+        self._pipes.clear()
+
+    def heal(self) -> None:
+        self.open = True
+
+    def black_hole(self) -> None:
+        """Silently drop everything on the current connections, without closing them
+        (a peer that vanished without a FIN); new connections work."""
+        self._silenced |= self._pipes
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not self.open:
+            writer.transport.abort()
+            return
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        self._pipes |= {writer, up_writer}
+        await asyncio.gather(self._pump(reader, up_writer), self._pump(up_reader, writer), return_exceptions=True)
+
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                if writer not in self._silenced:
+                    writer.write(data)
+                    await writer.drain()
+        finally:
+            self._pipes.discard(writer)
+            writer.transport.abort()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("trimmed", [False, True])
+async def test_after_a_partition_the_worker_catches_up_from_history_or_reports_the_gap(
+    redis_server: RedisServer, trimmed: bool
+) -> None:
+    prefix = f"test:{uuid.uuid4().hex[:10]}:"
+    settings: Any = {"key_prefix": prefix, "history_size": 2, "timeout": 1.0, "max_backoff": 0.1}
+    async with Cuttable(redis_server.port) as network:
+        worker = RedisBackend(network.url, **settings)
+        publisher = RedisBackend(redis_server.url, **settings)
+        inbox = Inbox()
+        lost: list[list[str]] = []
+        worker.lost = lambda channels: lost.append(sorted(channels))
+        await worker.start(inbox)
+        await publisher.start(Inbox())
+        try:
+            await worker.listen(["r", "s"])
+            first = await publisher.publish("r", b"1", None, store=True)
+            await inbox.wait_for(1)
+            network.cut()
+            during = [("r", b"2"), ("x", b"-"), ("s", b"3"), ("r", b"4")] + ([("r", b"5")] if trimmed else [])
+            missed = {p: await publisher.publish(ch, p, None, store=True) for ch, p in during}
+            network.heal()
+            last = await publisher.publish("s", b"6", None, store=True)
+            if trimmed:
+                # History of "r" kept only 4 and 5: 2 is lost, so "r" is reported, not replayed.
+                expected = [first, missed[b"3"], last]
+                assert [m.seq for m in await inbox.wait_for(3)] == [m.seq for m in expected]
+                assert lost == [["r"]]
+            else:
+                expected = [first, missed[b"2"], missed[b"3"], missed[b"4"], last]
+                assert [m.seq for m in await inbox.wait_for(5)] == [m.seq for m in expected]
+                assert lost == []
+            assert worker.reconnects == 1
+            assert [m.payload for m in inbox.messages] == [m.payload for m in expected]
+        finally:
+            await worker.close()
+            await publisher.close()
+
+
+@pytest.mark.anyio
+async def test_a_silent_connection_is_detected_by_ping_and_replaced(redis_server: RedisServer) -> None:
+    prefix = f"test:{uuid.uuid4().hex[:10]}:"
+    async with Cuttable(redis_server.port) as network:
+        worker = RedisBackend(network.url, key_prefix=prefix, timeout=1.0, max_backoff=0.1, health_interval=0.2)
+        publisher = RedisBackend(redis_server.url, key_prefix=prefix)
+        inbox = Inbox()
+        await worker.start(inbox)
+        await publisher.start(Inbox())
+        try:
+            await worker.listen(["r"])
+            network.black_hole()
+            sent = [await publisher.publish("r", str(i).encode(), None, store=True) for i in range(3)]
+            got = await inbox.wait_for(3)
+            assert [m.seq for m in got] == [m.seq for m in sent]
+            assert worker.reconnects == 1
+        finally:
+            await worker.close()
+            await publisher.close()
