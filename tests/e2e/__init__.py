@@ -1,0 +1,1 @@
+"""End-to-end tests: the example app in a real browser."""
