@@ -1,0 +1,440 @@
+"""Run the benchmark: every scenario against every app, repeated, medians and ratios.
+
+``python -m bench.run`` (``make bench``) runs the full suite; ``--smoke`` runs tiny
+sizes in seconds (``make bench-smoke``). Each run starts the app in its own uvicorn
+process (one worker, uvloop, httptools) and the load client in another, both on
+127.0.0.1. Results: a table on the terminal, JSON in ``bench/results/`` and a chart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.conftest import free_port, start_redis, wait_for_port  # noqa: E402
+
+APPS = {
+    "ours": "bench.apps.ours:app",
+    "straightforward": "bench.baselines.straightforward:app",
+    "builtin": "bench.baselines.builtin:app",
+}
+BASELINE = "straightforward"
+REDIS_BASELINE = "memory-1-worker"
+
+
+def most_connections(wanted: int = 20_000) -> int:
+    """``wanted``, or fewer when this machine's file-descriptor limit cannot hold them
+    (raising the hard limit needs privileges a container may not have)."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard == resource.RLIM_INFINITY or hard >= wanted + 100:
+        return wanted
+    return hard - 100
+
+
+def _raise_fd_limit() -> None:
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(hard, 65536), max(hard, 65536)))
+    except (ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+SERVER_LOG = ROOT / "bench" / "results" / "servers.log"
+
+
+@contextmanager
+def server(app: str, env: dict[str, str], workers: int = 1) -> Iterator[int]:
+    """Serve one app; its output goes to ``bench/results/servers.log`` (the baselines
+    print tracebacks when streams are cut at shutdown)."""
+    port = free_port()
+    command = [sys.executable, "-m", "uvicorn", APPS[app], "--host", "127.0.0.1", "--port", str(port)]
+    command += ["--loop", "uvloop", "--http", "httptools", "--log-level", "warning", "--backlog", "8192"]
+    command += ["--workers", str(workers)]
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
+    SERVER_LOG.parent.mkdir(parents=True, exist_ok=True)
+    log = SERVER_LOG.open("ab")
+    log.write(f"--- {app} {' '.join(command[2:])}\n".encode())
+    log.flush()
+    proc = subprocess.Popen(
+        command, cwd=ROOT, env=full_env, preexec_fn=_raise_fd_limit, stdout=log, stderr=subprocess.STDOUT
+    )
+    try:
+        wait_for_port(port, deadline=30, proc=proc)
+        yield port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+        log.close()
+
+
+def load(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.loadgen", json.dumps(spec)],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        preexec_fn=_raise_fd_limit,
+    )
+    if done.returncode:
+        raise RuntimeError(f"load client failed for {spec['scenario']}: {done.stderr.strip()[-2000:]}")
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def plan(smoke: bool, sizes: list[int]) -> list[tuple[str, str, dict[str, Any], dict[str, str]]]:
+    """(scenario, label, load spec, server env) for every measurement."""
+    quick = {"HEARTBEAT": "15"}
+    runs: list[tuple[str, str, dict[str, Any], dict[str, str]]] = []
+    for n in sizes:
+        spec = {
+            "scenario": "fanout",
+            "clients": n,
+            "events": 5 if smoke else 20,
+            "interval": 0.0,
+            "singles": 1 if smoke else 3,
+            "size": 64,
+        }
+        runs.append(("fanout", f"{n}", spec, quick))
+    users = 20 if smoke else 5000
+    runs.append(
+        (
+            "users",
+            f"{users}",
+            {"scenario": "users", "clients": users, "events": users * (1 if smoke else 4), "interval": 0.0, "size": 64},
+            quick,
+        )
+    )
+    runs.append(("single", "1", {"scenario": "single", "events": 200 if smoke else 50_000, "size": 64}, quick))
+    idle = 20 if smoke else 10_000
+    runs.append(("idle", f"{idle}", {"scenario": "idle", "clients": idle}, quick))
+    readers, stalled = (20, 2) if smoke else (1000, 100)
+    events = 20 if smoke else 200
+    for count in (0, stalled):
+        spec = {
+            "scenario": "stalled",
+            "clients": readers,
+            "stalled": count,
+            "events": events,
+            "interval": 0.02,
+            "size": 256,
+            "fill_events": 20 if smoke else 500,
+            "fill_size": 8192,
+        }
+        runs.append(("stalled", f"{readers}+{count}", spec, quick))
+    beat = 20 if smoke else most_connections()
+    window = 1.0 if smoke else 6.0
+    runs.append(
+        (
+            "heartbeat",
+            f"{beat}",
+            {"scenario": "heartbeat", "clients": beat, "window": window},
+            {"HEARTBEAT": "1" if smoke else "2"},
+        )
+    )
+    return runs
+
+
+def env_for(app: str, extra: dict[str, str], tune_gc: bool) -> dict[str, str]:
+    beat = extra.get("HEARTBEAT", "15")
+    env = {"BENCH_HEARTBEAT": beat, "SSE_HEARTBEAT_INTERVAL": beat, "SSE_MAX_CONNECTIONS": "100000"}
+    if tune_gc:
+        env["BENCH_TUNE_GC"] = "1"
+    return env
+
+
+def median_of(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    keys = [k for k, v in rows[0].items() if isinstance(v, (int, float))]
+    return {k: statistics.median(r[k] for r in rows) for k in keys}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    sizes = (
+        [int(s) for s in args.sizes.split(",")]
+        if args.sizes
+        else ([20, 50] if args.smoke else [1000, 5000, 10_000, most_connections()])
+    )
+    apps = args.apps.split(",")
+    wanted = set(args.scenarios.split(",")) if args.scenarios else None
+    raw: dict[str, dict[str, dict[str, list[dict[str, Any]]]]] = {}
+    timeout = 60 if args.smoke else 900
+    for scenario, label, spec, extra in plan(args.smoke, sizes):
+        if wanted and scenario not in wanted:
+            continue
+        for repeat in range(args.repeats):
+            # Rotate the order of the apps: none always runs first on a cold machine.
+            order = apps[repeat % len(apps) :] + apps[: repeat % len(apps)]
+            for app in order:
+                with server(app, env_for(app, extra, args.tune_gc)) as port:
+                    result = load({**spec, "host": "127.0.0.1", "port": port, "deadline": timeout / 2}, timeout)
+                raw.setdefault(scenario, {}).setdefault(label, {}).setdefault(app, []).append(result)
+                print(f"  {scenario:9} {label:>9} {app:15} run {repeat + 1}: {_brief(result)}", flush=True)
+        if args.partial:
+            Path(args.partial).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.partial).write_text(json.dumps(raw, indent=1))
+    if not wanted or "redis" in wanted:
+        raw.update(run_redis(args, timeout))
+    return raw
+
+
+def run_redis(args: argparse.Namespace, timeout: float) -> dict[str, Any]:
+    """In-memory single worker against Redis with two workers, same load."""
+    if importlib.util.find_spec("fastapi_sse.backends.redis") is None:
+        print("  redis     skipped: fastapi_sse.backends.redis is not available in this checkout", flush=True)
+        return {}
+    n = 20 if args.smoke else 1000
+    spec = {
+        "scenario": "fanout",
+        "clients": n,
+        "events": 10 if args.smoke else 100,
+        "interval": 0.01,
+        "singles": 1 if args.smoke else 3,
+        "size": 64,
+    }
+    redis = start_redis()
+    out: dict[str, Any] = {"redis": {f"{n}": {}}}
+    try:
+        for repeat in range(args.repeats):
+            for label, workers, env in (
+                (REDIS_BASELINE, 1, {}),
+                (
+                    "redis-2-workers",
+                    2,
+                    {"SSE_BACKEND": "redis", "SSE_REDIS_URL": redis.url},
+                ),
+            ):
+                with server("ours", {**env_for("ours", {}, args.tune_gc), **env}, workers) as port:
+                    result = load(
+                        {**spec, "host": "127.0.0.1", "port": port, "workers": workers, "deadline": timeout / 2},
+                        timeout,
+                    )
+                out["redis"][f"{n}"].setdefault(label, []).append(result)
+                print(f"  redis     {n:>9} {label:15} run {repeat + 1}: {_brief(result)}", flush=True)
+    finally:
+        redis.proc.kill()
+        redis.proc.wait(10)
+    return out
+
+
+def _brief(result: dict[str, Any]) -> str:
+    keys = ("events_per_s", "one_broadcast_s", "latency_p99", "rss_per_conn", "cpu_fraction", "rss_growth")
+    return " ".join(f"{k}={result[k]:.4g}" for k in keys if k in result)
+
+
+COLUMNS = [
+    ("events_per_s", "events/s", "{:,.0f}"),
+    ("one_broadcast_s", "1 bcast ms", "ms"),
+    ("latency_p50", "p50 ms", "ms"),
+    ("latency_p99", "p99 ms", "ms"),
+    ("latency_max", "max ms", "ms"),
+    ("connect_per_s", "conn/s", "{:,.0f}"),
+    ("rss_per_conn", "KB/conn", "kb"),
+    ("objects_per_conn", "objs/conn", "{:.1f}"),
+    ("gc_full_max", "full GC ms", "ms"),
+    ("rss_growth", "RSS growth MB", "mb"),
+    ("cpu_fraction", "CPU %", "pct"),
+    ("cpu_us_per_ping", "us/ping", "{:.1f}"),
+]
+
+
+def _fmt(value: float, how: str) -> str:
+    if how == "ms":
+        return f"{value * 1000:.1f}"
+    if how == "kb":
+        return f"{value / 1024:.1f}"
+    if how == "mb":
+        return f"{value / 2**20:.1f}"
+    if how == "pct":
+        return f"{value * 100:.1f}"
+    return how.format(value)
+
+
+def summarise(raw: dict[str, Any]) -> dict[str, Any]:
+    """Medians per (scenario, label, app), and each app's ratio to the straightforward one."""
+    summary: dict[str, Any] = {}
+    for scenario, labels in raw.items():
+        for label, apps in labels.items():
+            medians = {app: median_of(rows) for app, rows in apps.items()}
+            entry: dict[str, Any] = {"median": medians, "runs": {app: len(rows) for app, rows in apps.items()}}
+            # The Redis scenario compares against the in-memory single worker instead.
+            base_app = BASELINE if BASELINE in medians else REDIS_BASELINE
+            base = medians.get(base_app)
+            if base:
+                entry["baseline"] = base_app
+                entry["ratio"] = {
+                    app: {k: (v / base[k] if base.get(k) else None) for k, v in m.items()} for app, m in medians.items()
+                }
+            summary.setdefault(scenario, {})[label] = entry
+    return summary
+
+
+def table(summary: dict[str, Any]) -> str:
+    lines = []
+    for scenario, labels in summary.items():
+        for label, entry in labels.items():
+            medians = entry["median"]
+            keys = [c for c in COLUMNS if any(c[0] in m for m in medians.values())]
+            header = f"{'scenario':10} {'size':>9} {'app':16}" + "".join(f" {title:>13}" for _, title, _ in keys)
+            if not lines or lines[-1] != header:
+                lines += ["", header]
+            for app, values in medians.items():
+                cells = "".join(f" {_fmt(values[k], how) if k in values else '-':>13}" for k, _, how in keys)
+                lines.append(f"{scenario:10} {label:>9} {app:16}{cells}")
+    return "\n".join(lines)
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    """The table of medians as Markdown, each app's ratio to the straightforward app
+    in brackets (what docs/performance.md quotes)."""
+    lines = []
+    for scenario, labels in summary.items():
+        for label, entry in labels.items():
+            medians, ratios = entry["median"], entry.get("ratio", {})
+            keys = [c for c in COLUMNS if any(c[0] in m for m in medians.values())]
+            lines += ["", f"**{scenario} {label}**", ""]
+            lines.append("| app | " + " | ".join(title for _, title, _ in keys) + " |")
+            lines.append("|---|" + "---:|" * len(keys))
+            for app, values in medians.items():
+                cells = []
+                for key, _, how in keys:
+                    if key not in values:
+                        cells.append("-")
+                        continue
+                    cell = _fmt(values[key], how)
+                    ratio = ratios.get(app, {}).get(key)
+                    if ratio is not None and app != entry.get("baseline"):
+                        cell += f" ({ratio:.2f}x)"
+                    cells.append(cell)
+                lines.append(f"| {app} | " + " | ".join(cells) + " |")
+    return "\n".join(lines).strip() + "\n"
+
+
+def chart(summary: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fanout = summary.get("fanout", {})
+    if not fanout:
+        return
+    sizes = sorted(fanout, key=int)
+    apps = sorted({app for entry in fanout.values() for app in entry["median"]}, key=list(APPS).index)
+    panels = [
+        ("events_per_s", "delivered events/s", 1),
+        ("one_broadcast_s", "one broadcast to all (ms)", 1000),
+        ("latency_p99", "p99 latency, burst (ms)", 1000),
+    ]
+    figure, axes = plt.subplots(1, len(panels), figsize=(15, 4.5))
+    for axis, (key, title, scale) in zip(axes, panels, strict=True):
+        for app in apps:
+            xs = [int(s) for s in sizes if app in fanout[s]["median"]]
+            ys = [fanout[s]["median"][app][key] * scale for s in sizes if app in fanout[s]["median"]]
+            axis.plot(xs, ys, marker="o", label=app)
+        axis.set_title(title)
+        axis.set_xlabel("subscribers of one channel")
+        axis.set_xscale("log")
+        axis.set_yscale("log")
+        axis.grid(True, which="both", alpha=0.3)
+    axes[0].legend(loc="center right")
+    figure.suptitle("Fan-out on one uvicorn worker (uvloop, httptools), 2 cores, medians")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    found = {"python": sys.version.split()[0]}
+    for name in ("fastapi", "starlette", "sse-starlette", "uvicorn", "uvloop", "httptools", "pydantic-core"):
+        found[name] = version(name)
+    return found
+
+
+def from_file(path: str) -> None:
+    """Print the tables of a saved run again (``python -m bench.run --show FILE``)."""
+    summary = json.loads(Path(path).read_text())["summary"]
+    print(table(summary))
+    print()
+    print(markdown(summary))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, one run: checks that everything still works")
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="runs of every measurement (default 3; 1 with --smoke)"
+    )
+    parser.add_argument("--sizes", default="", help="fan-out subscriber counts, comma-separated")
+    parser.add_argument("--apps", default=",".join(APPS), help="apps to measure, comma-separated")
+    parser.add_argument(
+        "--scenarios", default="", help="only these scenarios (fanout,users,single,idle,stalled,heartbeat,redis)"
+    )
+    parser.add_argument(
+        "--tune-gc", action=argparse.BooleanOptionalAction, default=True, help="fastapi_sse.tune_gc() in our app"
+    )
+    parser.add_argument("--partial", default="", help="also write the raw results here after each scenario")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results"), help="directory of the JSON results")
+    parser.add_argument(
+        "--chart",
+        default="",
+        help="PNG chart path (default: next to the JSON; the full run also writes docs/img/bench.png)",
+    )
+    parser.add_argument("--show", default="", help="print the tables of a saved JSON result and exit")
+    args = parser.parse_args()
+    if args.show:
+        from_file(args.show)
+        return
+    if args.repeats is None:
+        args.repeats = 1 if args.smoke else 3
+    started = time.time()
+    print(f"benchmark: apps={args.apps} repeats={args.repeats}{' (smoke)' if args.smoke else ''}", flush=True)
+    raw = run(args)
+    summary = summarise(raw)
+    print(table(summary))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    report = {
+        "versions": versions(),
+        "cpus": os.cpu_count(),
+        "smoke": args.smoke,
+        "repeats": args.repeats,
+        "seconds": time.time() - started,
+        "summary": summary,
+        "raw": raw,
+    }
+    (out / f"bench-{stamp}.json").write_text(json.dumps(report, indent=1))
+    (out / "latest.json").write_text(json.dumps(report, indent=1))
+    (out / "latest.md").write_text(markdown(summary))
+    charts = [Path(args.chart)] if args.chart else [out / "bench.png"]
+    if not args.smoke and not args.chart and not args.sizes and not args.scenarios:
+        charts.append(ROOT / "docs" / "img" / "bench.png")
+    for path in charts:
+        chart(summary, path)
+    print(f"\nresults: {out / 'latest.json'}  chart: {', '.join(str(p) for p in charts)}")
+
+
+if __name__ == "__main__":
+    main()

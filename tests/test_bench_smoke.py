@@ -1,0 +1,66 @@
+"""The benchmark still runs: ``python -m bench.run --smoke`` with tiny sizes.
+
+Nothing here judges speed (that is what ``make bench`` and docs/performance.md are
+for): each run only has to complete and report a row for every app it measured.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import ROOT
+
+APPS = ("ours", "straightforward", "builtin")
+
+
+def run_bench(out: Path, *args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--smoke", "--out", str(out), "--chart", str(out / "bench.png"), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+def rows(stdout: str) -> set[tuple[str, str, str]]:
+    """(scenario, size, app) of every line of the final table."""
+    found = set()
+    for line in stdout.splitlines():
+        cells = line.split()
+        if len(cells) > 3 and not line.startswith(" ") and cells[0] != "scenario":
+            found.add((cells[0], cells[1], cells[2]))
+    return found
+
+
+def test_fanout_and_single_client_report_every_app(tmp_path: Path) -> None:
+    stdout = run_bench(tmp_path, "--scenarios", "fanout,single", "--sizes", "20")
+    table = rows(stdout)
+    for app in APPS:
+        assert ("fanout", "20", app) in table
+        assert ("single", "1", app) in table
+    report = json.loads((tmp_path / "latest.json").read_text())
+    medians = report["summary"]["fanout"]["20"]["median"]
+    assert set(medians) == set(APPS)
+    assert all(m["events_per_s"] > 0 for m in medians.values())
+    assert (tmp_path / "bench.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_every_other_scenario_completes(tmp_path: Path) -> None:
+    stdout = run_bench(tmp_path, "--apps", "ours", "--scenarios", "users,idle,stalled,heartbeat,redis")
+    scenarios = {scenario for scenario, _, _ in rows(stdout)}
+    expected = {"users", "idle", "stalled", "heartbeat"}
+    try:
+        import fastapi_sse.backends.redis  # noqa: F401
+    except ImportError:
+        assert "redis     skipped" in stdout
+    else:
+        expected.add("redis")
+    assert expected <= scenarios
+    report = json.loads((tmp_path / "latest.json").read_text())
+    assert report["summary"]["stalled"]["20+2"]["median"]["ours"]["stalled"] == 2
