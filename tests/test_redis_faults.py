@@ -244,6 +244,49 @@ async def test_after_a_partition_the_worker_catches_up_from_history_or_reports_t
 
 
 @pytest.mark.anyio
+async def test_after_a_partition_the_worker_catches_up_on_events_for_its_clients(redis_server: RedisServer) -> None:
+    # Regression: send_to events published while a worker was cut off were lost
+    # silently, since per-client events are kept out of history.
+    prefix = f"test:{uuid.uuid4().hex[:10]}:"
+    settings: Any = {"key_prefix": prefix, "history_size": 3, "timeout": 1.0, "max_backoff": 0.1}
+    client_channel = "$client:" + "a" * 12 + "." + "b" * 32
+    async with Cuttable(redis_server.port) as network:
+        worker = RedisBackend(network.url, **settings)
+        publisher = RedisBackend(redis_server.url, **settings)
+        inbox = Inbox()
+        lost: list[list[str]] = []
+        worker.lost = lambda channels: lost.append(sorted(channels))
+        await worker.start(inbox)
+        await publisher.start(Inbox())
+        try:
+            await worker.listen(["r", client_channel])
+            first = await publisher.publish(client_channel, b"1", None, store=False)
+            await inbox.wait_for(1)
+            network.cut()
+            during = [
+                await publisher.publish(client_channel, str(i).encode(), "msg-" + str(i), store=False) for i in (2, 3)
+            ]
+            network.heal()
+            last = await publisher.publish("r", b"4", None, store=True)
+            expected = [first, *during, last]
+            assert [m.seq for m in await inbox.wait_for(4)] == [m.seq for m in expected]
+            assert [m.id for m in inbox.messages[1:3]] == ["msg-2", "msg-3"]
+            assert lost == []
+            # More than the backlog holds: the worker cannot know what it lost, so it
+            # reports its clients' channels instead of staying silent.
+            network.cut()
+            for _ in range(5):
+                await publisher.publish(client_channel, b"x", None, store=False)
+            network.heal()
+            await publisher.publish("r", b"5", None, store=True)
+            await inbox.wait_for(8)
+            assert lost == [[client_channel]]
+        finally:
+            await worker.close()
+            await publisher.close()
+
+
+@pytest.mark.anyio
 async def test_a_silent_connection_is_detected_by_ping_and_replaced(redis_server: RedisServer) -> None:
     prefix = f"test:{uuid.uuid4().hex[:10]}:"
     async with Cuttable(redis_server.port) as network:

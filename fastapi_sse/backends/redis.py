@@ -100,8 +100,9 @@ return redis.call('GET', KEYS[1])
 
 # History entries are members "seq:ms:<id length>:<id><payload>" scored by seq, so one
 # ZRANGEBYSCORE answers a replay; ms (server time) lets entries expire one by one.
-# KEYS: seq, history, last, live, trim, floor, ids, id times, dead
-# ARGV: channel, event id or '', payload, store, history size, ttl ms, pubsub channel, id index size
+# KEYS: seq, history, last, live, trim, floor, ids, id times, dead, worker backlog
+# ARGV: channel, event id or '', payload, store, history size, ttl ms, pubsub channel, id index size,
+#       '1' to keep the message in the worker backlog (events for one client)
 _PUBLISH = (
     _SWEEP
     + """
@@ -153,7 +154,17 @@ if id ~= '' then
     for i = 1, #gone, 2 do redis.call('HDEL', KEYS[7], gone[i]) end
   end
 end
-redis.call('PUBLISH', ARGV[7], sseq .. '\\n' .. #id .. '\\n' .. #channel .. '\\n' .. id .. channel .. payload)
+local message = sseq .. '\\n' .. #id .. '\\n' .. #channel .. '\\n' .. id .. channel .. payload
+if ARGV[9] == '1' then
+  -- Events for one client are kept out of history but in a short backlog of their
+  -- worker, so that a worker cut off from Redis can catch up on them too.
+  local cap = size
+  if cap < 1 then cap = 1 end
+  redis.call('LPUSH', KEYS[10], message)
+  redis.call('LTRIM', KEYS[10], 0, cap - 1)
+  redis.call('PEXPIRE', KEYS[10], ttl)
+end
+redis.call('PUBLISH', ARGV[7], message)
 return seq
 """
 )
@@ -403,6 +414,12 @@ class RedisBackend(Backend):
                 return self.prefix + "w:" + worker
         return self.prefix + "c:" + channel
 
+    def _backlog(self, channel: str) -> str | None:
+        """The backlog key of the worker that holds a client channel's client."""
+        route = self._route(channel)
+        worker_route = self.prefix + "w:"
+        return self.prefix + "wb:" + route[len(worker_route) :] if route.startswith(worker_route) else None
+
     async def listen(self, channels: Collection[str]) -> None:
         """Subscribe (once per Redis channel) and return when Redis has confirmed it;
         raises :class:`BackendError` while Redis is unreachable."""
@@ -486,6 +503,7 @@ class RedisBackend(Backend):
             self._k_ids,
             self._k_id_times,
             self._k_dead,
+            self._backlog(channel) or self._k_dead,
         ]
         args: list[Any] = [
             channel,
@@ -496,6 +514,7 @@ class RedisBackend(Backend):
             round(self.history_ttl * 1000),
             self._route(channel),
             self.id_index_size,
+            "1" if self._backlog(channel) else "0",
         ]
         try:
             seq = int(await self._publish_script(keys, args))
@@ -679,6 +698,19 @@ class RedisBackend(Backend):
             replay = await self.replay(channels, after)
             messages.extend(replay.messages)
             gaps |= replay.gaps
+        worker_route = self.prefix + "w:"
+        for route in self._routes:
+            if not route.startswith(worker_route):
+                continue
+            cap = max(self.history_size, 1)
+            raw = await self._client().lrange(self.prefix + "wb:" + route[len(worker_route) :], 0, -1)
+            backlog = [_parse_published(item) for item in raw if isinstance(item, bytes)]
+            missed = [m for m in backlog if m.seq > self._last_seq]
+            messages.extend(missed)
+            if len(backlog) >= cap and len(missed) == len(backlog):
+                # The backlog overflowed while this worker was cut off: some events for
+                # its clients may be gone. Their clients resume (and replay channels).
+                gaps.update(c for c in self._listened if c.startswith(_CLIENT_PREFIX))
         messages.sort(key=lambda m: m.seq)
         for message in messages:
             self._handle(message)
