@@ -216,20 +216,27 @@ class SSEClient:
 
     def mark_closed(self, reason: str, *, discard: bool) -> None:
         if self.closed:
+            if discard:
+                self._discard()
             return
         self.closed = True
         self.close_reason = reason
         if discard:
-            self._buffer.clear()
-            self._buffered = 0
-            if self._handoff is not None:
-                # A send the writer left half-done for the stream's task, which has
-                # not resumed yet: the client is gone, drop it.
-                self._handoff.close()
-                self._handoff = None
-            # A writer stuck in a send to a client that stopped reading would
-            # wait for ever: cancel it.
-            if self.sending and self._task is not None:
-                self._cancelled = True
-                self._task.cancel()
+            self._discard()
+        self.wake()
+
+    def _discard(self) -> None:
+        """Drop what is buffered and abandon a write in progress."""
+        self._buffer.clear()
+        self._buffered = 0
+        if self._handoff is not None:
+            # A send the writer left half-done for the stream's task, which has not
+            # resumed yet: the client is gone, drop it.
+            self._handoff.close()
+            self._handoff = None
+        # A writer stuck in a send to a client that stopped reading would wait for
+        # ever: cancel it.
+        if self.sending and self._task is not None and not self._cancelled:
+            self._cancelled = True
+            self._task.cancel()
         self.wake()

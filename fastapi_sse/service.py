@@ -90,8 +90,10 @@ class SSEService:
         self._running = False
         self._closing = False
         self._tasks: set[asyncio.Task[None]] = set()
-        self._no_clients = asyncio.Event()
-        self._no_clients.set()
+        # Streams that started and have not ended yet, for aclose() to wait on.
+        self._streams: dict[str, SSEClient] = {}
+        self._streams_done = asyncio.Event()
+        self._streams_done.set()
         self._from_threads: deque[tuple[str, bytes, str | None, bool]] = deque()
         self._threads_scheduled = False
         self._outbox: deque[tuple[str, bytes, str | None, bool]] = deque()
@@ -137,9 +139,15 @@ class SSEService:
         self.shutdown()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(grace):
-                await self._no_clients.wait()
-        for client in list(self._clients.values()):
-            self._close(client, DisconnectReason.SHUTDOWN, discard=True)
+                await self._streams_done.wait()
+        # Streams still writing after the grace period are stuck on clients that
+        # stopped reading: abandon their writes.
+        if self._streams:
+            for client in list(self._streams.values()):
+                client.mark_closed(DisconnectReason.SHUTDOWN, discard=True)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await self._streams_done.wait()
         await self._flush_outbox(grace)
         for task in list(self._tasks):
             task.cancel()
@@ -267,7 +275,6 @@ class SSEService:
         )
         client.on_overflow = self._on_overflow
         self._clients[client.id] = client
-        self._no_clients.clear()
         if identity is not None:
             self._identities.setdefault(identity, {})[client.id] = client
         self._join(client, ALL_CHANNEL)
@@ -548,8 +555,6 @@ class SSEService:
             self._spawn(self._release(client))
         self._counters.disconnects[reason] += 1
         client.mark_closed(reason, discard=discard)
-        if not self._clients:
-            self._no_clients.set()
 
     def _on_overflow(self, client: SSEClient, dropped: int) -> None:
         if dropped:
@@ -769,6 +774,8 @@ class SSEService:
         if client.closed:
             return False
         client.attached = True
+        self._streams[client.id] = client
+        self._streams_done.clear()
         return True
 
     async def _opening(self, client: SSEClient) -> list[bytes]:
@@ -835,6 +842,8 @@ class SSEService:
     def _detach(self, client: SSEClient, reason: str) -> None:
         """A stream ended (for whatever reason): make sure the client is gone."""
         self._close(client, reason, discard=True)
+        if self._streams.pop(client.id, None) is not None and not self._streams:
+            self._streams_done.set()
 
     def _sent(self, events: int, size: int, created: float = 0.0) -> None:
         """Count a write; ``created`` is its oldest event's arrival time, if known."""

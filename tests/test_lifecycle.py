@@ -164,3 +164,26 @@ def test_client_leaving_while_its_stream_is_blocked_in_a_send_ends_without_an_er
         assert client.close_reason == "client_closed"
         assert "Exception in ASGI application" not in caplog.text
         assert "Traceback" not in caplog.text
+
+
+def test_aclose_waits_for_streams_and_abandons_those_stuck_on_a_stalled_client() -> None:
+    # Regression: aclose() returned as soon as shutdown() emptied the registry, not
+    # when the streams had ended, and a stream blocked on a client that stopped
+    # reading was left running.
+    settings = fast_settings(max_buffer_bytes=8 * 1024 * 1024)
+    with (
+        served(router_app(settings)) as (srv, sse),
+        open_stream(srv.url + "/subscribe", params={"channel": "reader"}) as reader,
+    ):
+        stalled, head = raw_request(srv.port, "/subscribe?channel=stalled", rcvbuf=4096)
+        assert head is not None
+        client = wait_until(lambda: srv.call(sse.get_clients_by_channel, "stalled"))[0]
+        while not srv.call(lambda: client.sending):
+            srv.call(lambda: [sse.broadcast("stalled", "big", Text("x" * 30_000)) for _ in range(5)])
+        srv.call(sse.broadcast, "reader", "last", "before shutdown")
+        srv.call(sse.aclose, 0.5)
+        assert srv.call(lambda: dict(sse._streams)) == {}
+        assert client._task is not None and client._task.done()
+        got = reader.next_event()
+        assert (got.event, got.json()) == ("last", "before shutdown")
+        stalled.close()

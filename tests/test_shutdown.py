@@ -83,7 +83,8 @@ def test_signal_handlers_end_streams_and_chain_to_the_previous_handler() -> None
                 sse.install_signal_handlers()  # idempotent: the previous handler is kept once
                 client, _ = sse.add_client()
                 signal.raise_signal(signal.SIGTERM)
-                await asyncio.wait_for(sse._no_clients.wait(), 5)
+                # The handler schedules shutdown() on the loop, which wakes the client.
+                await asyncio.wait_for(client.wait(), 5)
                 assert client.close_reason == "shutdown"
                 assert received == [signal.SIGTERM]
                 # Off the main thread both calls are no-ops.
