@@ -12,6 +12,7 @@ from pathlib import Path
 from types import ModuleType
 
 import httpx
+import pytest
 from conftest import ROOT, serve
 from helpers.apps import router_app
 from helpers.streams import open_stream
@@ -19,6 +20,7 @@ from helpers.streams import open_stream
 import fastapi_sse
 from docs.examples import minimal, publishing, testing_your_app
 from fastapi_sse import SSESettings
+from fastapi_sse.testing import live_server, open_event_stream
 
 DOCS = ROOT / "docs"
 EXAMPLES = DOCS / "examples"
@@ -75,9 +77,28 @@ def test_publishing_from_anywhere_reaches_each_audience() -> None:
             assert other.next_event().event == "announcement"
 
 
-def test_the_testing_page_helpers_test_the_minimal_app() -> None:
-    with testing_your_app.live_server(minimal.app) as url:
-        testing_your_app.check_order_shipped_reaches_the_subscriber(url)
+def test_the_testing_page_example_passes() -> None:
+    testing_your_app.test_order_shipped_reaches_the_subscriber()
+
+
+def test_testing_helpers_skip_frames_a_browser_does_not_dispatch() -> None:
+    with (
+        live_server(minimal.app) as url,
+        open_event_stream(url + "/subscribe", params={"channel": "order:1"}) as events,
+    ):
+        # The stream opens with retry: and an id-only cursor frame: neither is an event.
+        httpx.post(url + "/orders/1/ship")
+        httpx.post(url + "/orders/1/ship")
+        assert [e.event for e in events.events(2)] == ["orderShipped", "orderShipped"]
+
+
+def test_open_event_stream_reports_a_refused_stream() -> None:
+    with (
+        live_server(minimal.app) as url,
+        pytest.raises(httpx.HTTPStatusError),
+        open_event_stream(url + "/subscribe", params={"channel": "bad name"}),
+    ):
+        pass
 
 
 def test_readme_starts_with_make_run_and_make_test() -> None:

@@ -1,45 +1,16 @@
-import asyncio
-import socket
-import threading
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import httpx
-import uvicorn
-from fastapi import FastAPI
-from httpx_sse import connect_sse
+
+from fastapi_sse.testing import live_server, open_event_stream
+
+from .minimal import app
 
 
-@contextmanager
-def live_server(app: FastAPI) -> Iterator[str]:
-    """Run the app with uvicorn on a free loopback port, in a thread; yield its URL."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=1)
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=asyncio.run, args=(server.serve(),), daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:  # uvicorn has no "started" event: poll its flag
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-
-
-def check_order_shipped_reaches_the_subscriber(url: str) -> None:
+def test_order_shipped_reaches_the_subscriber() -> None:
     with (
-        httpx.Client(base_url=url, timeout=5) as client,
-        connect_sse(client, "GET", "/subscribe", params={"channel": "order:17"}) as source,
+        live_server(app) as url,
+        open_event_stream(url + "/subscribe", params={"channel": "order:17"}) as events,
     ):
-        # The stream is subscribed once its headers arrived: publish now.
-        client.post("/orders/17/ship")
-        # Wait by reading: the read timeout is the deadline.
-        event = next(e for e in source.iter_sse() if e.event == "orderShipped")
-        assert event.json() == {"orderId": "17"}
+        # The stream is subscribed once open_event_stream returns: publish now.
+        httpx.post(url + "/orders/17/ship")
+        # Wait by reading: the client's read timeout is the deadline.
+        assert events.next_event("orderShipped").json() == {"orderId": "17"}
