@@ -81,7 +81,9 @@ class SSECollector(Collector):
         yield gauge(
             "buffered_bytes", "Bytes queued for clients and not yet written.", sum(c.buffered_bytes for c in clients)
         )
-        yield gauge("pending_publishes", "Fire-and-forget publishes waiting for the backend.", len(service._outbox))
+        yield gauge(
+            "pending_publishes", "Fire-and-forget publishes waiting for the backend.", service._publisher.pending
+        )
         yield counter("connects_total", "Streams opened.", counters.connects)
         yield by_label(
             "disconnects_total",

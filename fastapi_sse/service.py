@@ -12,7 +12,7 @@ import signal
 import threading
 import time
 import uuid
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Collection
 from datetime import UTC, datetime
 from types import FrameType
@@ -30,6 +30,7 @@ from fastapi_sse.errors import (
     LimitExceededError,
     ServiceNotRunningError,
 )
+from fastapi_sse.publishing import Publisher
 from fastapi_sse.response import SSEResponse
 from fastapi_sse.settings import SSESettings, load_settings
 from fastapi_sse.stats import ConnectionStats, Counters
@@ -41,8 +42,6 @@ ALL_CHANNEL = "$all"
 """Internal channel every client listens to; :meth:`SSEService.broadcast_all` uses it."""
 CLIENT_CHANNEL_PREFIX = "$client:"
 """Internal per-client channel; :meth:`SSEService.send_to` uses it."""
-
-_THREAD_BATCH = 64
 
 GAP_EVENT = "gap"
 """Name of the event a resuming client gets when history no longer covers its cursor."""
@@ -94,10 +93,7 @@ class SSEService:
         self._streams: dict[str, SSEClient] = {}
         self._streams_done = asyncio.Event()
         self._streams_done.set()
-        self._from_threads: deque[tuple[str, bytes, str | None, bool]] = deque()
-        self._threads_scheduled = False
-        self._outbox: deque[tuple[str, bytes, str | None, bool]] = deque()
-        self._outbox_wake = asyncio.Event()
+        self._publisher = Publisher(self.backend, self._counters, outbox_size=self.settings.publish_buffer_size)
         self._interest_pending: dict[str, bool] = {}
         self._interest_synced = asyncio.Condition()
         self._interest_generation = 0
@@ -115,6 +111,7 @@ class SSEService:
             return
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
+        self._publisher.start(self._loop)
         self.backend.lost = self._lost
         await self.backend.start(self._deliver)
         self._running = True
@@ -122,7 +119,7 @@ class SSEService:
         self._spawn(self._heartbeat())
         self._spawn(self._writer.run())
         if self.backend.remote:
-            self._spawn(self._drain_outbox())
+            self._spawn(self._publisher.drain())
             self._spawn(self._sync_interest())
             # Registered before the first request: shared limits count only live workers.
             try:
@@ -148,7 +145,7 @@ class SSEService:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(1.0):
                     await self._streams_done.wait()
-        await self._flush_outbox(grace)
+        await self._publisher.flush(grace)
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
@@ -476,7 +473,7 @@ class SSEService:
             resumes=counters.resumes,
             resume_gaps=counters.resume_gaps,
             publish_failures=counters.publish_failures,
-            pending_publishes=len(self._outbox),
+            pending_publishes=self._publisher.pending,
         )
 
     async def cluster_stats(self) -> ConnectionStats:
@@ -636,6 +633,14 @@ class SSEService:
             return None
         return loop
 
+    def _publish_nowait(self, channel: str, payload: bytes, event_id: str | None, *, store: bool) -> None:
+        self._require_running()
+        self._publisher.publish_nowait(channel, payload, event_id, store=store)
+
+    async def _publish(self, channel: str, payload: bytes, event_id: str | None, *, store: bool) -> str:
+        self._require_running()
+        return await self._publisher.publish(channel, payload, event_id, store=store)
+
     def _require_running(self) -> asyncio.AbstractEventLoop:
         if not self._running or self._loop is None:
             raise ServiceNotRunningError(
@@ -643,100 +648,6 @@ class SSEService:
                 "in your app, use lifespan=sse_lifespan(), or start it with 'async with SSEService(...)'"
             )
         return self._loop
-
-    def _publish_nowait(self, channel: str, payload: bytes, event_id: str | None, *, store: bool) -> None:
-        loop = self._require_running()
-        if threading.get_ident() == self._loop_thread and not self._from_threads:
-            self._dispatch(channel, payload, event_id, store)
-            return
-        # Behind publishes from other threads that are still queued: keep the order.
-        self._from_threads.append((channel, payload, event_id, store))
-        if not self._threads_scheduled:
-            self._threads_scheduled = True
-            loop.call_soon_threadsafe(self._dispatch_from_threads)
-
-    def _dispatch_from_threads(self) -> None:
-        # A burst published from other threads is dispatched a batch per loop turn,
-        # so the streams' writers run between batches: a fast reader is not taken
-        # for a slow consumer because its buffer filled before any write could run.
-        self._threads_scheduled = False
-        queue = self._from_threads
-        for _ in range(min(len(queue), _THREAD_BATCH)):
-            self._dispatch(*queue.popleft())
-        if queue and not self._threads_scheduled and self._loop is not None:
-            self._threads_scheduled = True
-            self._loop.call_soon(self._dispatch_from_threads)
-
-    def _dispatch(self, channel: str, payload: bytes, event_id: str | None, store: bool) -> None:
-        self._counters.published += 1
-        if not self._outbox and self.backend.publish_nowait(channel, payload, event_id, store=store) is not None:
-            return
-        if len(self._outbox) >= self.settings.publish_buffer_size:
-            self._counters.publish_failures += 1
-            logger.error(
-                "event on channel %r lost: %d publishes are already waiting for the backend (publish_buffer_size)",
-                channel,
-                len(self._outbox),
-            )
-            return
-        self._outbox.append((channel, payload, event_id, store))
-        self._outbox_wake.set()
-
-    async def _publish(self, channel: str, payload: bytes, event_id: str | None, *, store: bool) -> str:
-        loop = self._require_running()
-        if threading.get_ident() != self._loop_thread:
-            future = asyncio.run_coroutine_threadsafe(self._publish(channel, payload, event_id, store=store), loop)
-            return await asyncio.wrap_future(future)
-        try:
-            message = await self.backend.publish(channel, payload, event_id, store=store)
-        except BackendError:
-            self._counters.publish_failures += 1
-            self._counters.backend_errors += 1
-            raise
-        except Exception as exc:
-            self._counters.publish_failures += 1
-            self._counters.backend_errors += 1
-            raise BackendError(f"could not publish to channel {channel!r}: {exc}") from exc
-        self._counters.published += 1
-        return message.id
-
-    async def _drain_outbox(self) -> None:
-        """Send fire-and-forget publishes to a remote backend, in order, retrying."""
-        delay = 0.05
-        while True:
-            if not self._outbox:
-                self._outbox_wake.clear()
-                await self._outbox_wake.wait()
-                continue
-            channel, payload, event_id, store = self._outbox[0]
-            try:
-                await self.backend.publish(channel, payload, event_id, store=store)
-            except Exception as exc:
-                self._counters.backend_errors += 1
-                logger.warning(
-                    "publish to channel %r failed (%s); %d event(s) waiting, retrying in %.2fs",
-                    channel,
-                    exc,
-                    len(self._outbox),
-                    delay,
-                )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
-                continue
-            delay = 0.05
-            self._outbox.popleft()
-
-    async def _flush_outbox(self, grace: float) -> None:
-        if not self._outbox:
-            return
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(grace):
-                while self._outbox:  # noqa: ASYNC110 - the drain task empties it
-                    await asyncio.sleep(0.01)
-        if self._outbox:
-            self._counters.publish_failures += len(self._outbox)
-            logger.error("%d event(s) could not be published before shutdown", len(self._outbox))
-            self._outbox.clear()
 
     async def _release(self, client: SSEClient) -> None:
         try:
