@@ -88,15 +88,24 @@ end
 # starts at the server's time in microseconds, so ids keep increasing past any
 # cursor a client still holds; everything before that start counts as forgotten.
 # KEYS: seq, floor
-_INIT = """
-if redis.call('EXISTS', KEYS[1]) == 0 then
-  local t = redis.call('TIME')
-  local start = string.format('%d', tonumber(t[1]) * 1000000 + tonumber(t[2]))
-  redis.call('SET', KEYS[1], start)
-  redis.call('SET', KEYS[2], start)
+_START = """
+local function start_counter(k_seq, k_floor)
+  if redis.call('EXISTS', k_seq) == 0 then
+    local t = redis.call('TIME')
+    local start = string.format('%d', tonumber(t[1]) * 1000000 + tonumber(t[2]))
+    redis.call('SET', k_seq, start)
+    redis.call('SET', k_floor, start)
+  end
 end
+"""
+
+_INIT = (
+    _START
+    + """
+start_counter(KEYS[1], KEYS[2])
 return redis.call('GET', KEYS[1])
 """
+)
 
 # History entries are members "seq:ms:<id length>:<id><payload>" scored by seq, so one
 # ZRANGEBYSCORE answers a replay; ms (server time) lets entries expire one by one.
@@ -105,13 +114,9 @@ return redis.call('GET', KEYS[1])
 #       '1' to keep the message in the worker backlog (events for one client)
 _PUBLISH = (
     _SWEEP
+    + _START
     + """
-if redis.call('EXISTS', KEYS[1]) == 0 then
-  local t = redis.call('TIME')
-  local start = string.format('%d', tonumber(t[1]) * 1000000 + tonumber(t[2]))
-  redis.call('SET', KEYS[1], start)
-  redis.call('SET', KEYS[6], start)
-end
+start_counter(KEYS[1], KEYS[6])
 local seq = redis.call('INCR', KEYS[1])
 local sseq = string.format('%d', seq)
 local channel, id, payload = ARGV[1], ARGV[2], ARGV[3]
