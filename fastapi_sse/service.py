@@ -798,8 +798,7 @@ class SSEService:
                         client.push(ping)
                 elif client.created_at.timestamp() < never_started:
                     self._close(client, DisconnectReason.NEVER_STARTED, discard=True)
-            if isinstance(self.backend, MemoryBackend):
-                self.backend.expire()
+            self.backend.expire()
 
 
 def _sum_stats(mine: ConnectionStats, others: list[ConnectionStats]) -> ConnectionStats:

@@ -94,6 +94,11 @@ class Backend(ABC):
         was trimmed past ``after`` is reported in ``gaps`` and its messages left out;
         ``after=None`` (an unknown cursor) makes every channel a gap."""
 
+    def expire(self) -> None:
+        """Drop history past its age; called periodically by the service. Backends
+        whose store expires entries itself (Redis) need not override it."""
+        return None
+
     def publish_nowait(self, channel: str, payload: bytes, event_id: str | None, *, store: bool) -> Message | None:
         """Publish synchronously when the backend can (in-process ones); None otherwise."""
         return None
