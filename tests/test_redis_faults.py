@@ -7,8 +7,9 @@ import asyncio
 import json
 import signal
 import uuid
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import ExitStack, asynccontextmanager, contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -203,87 +204,93 @@ class Cuttable:
             writer.transport.abort()
 
 
+@dataclass
+class Partition:
+    """A worker backend reaching Redis through a connection the test can cut, and a
+    publisher reaching it directly; ``lost`` records what the worker reports lost."""
+
+    network: Cuttable
+    worker: RedisBackend
+    publisher: RedisBackend
+    inbox: Inbox
+    lost: list[list[str]]
+
+
+@asynccontextmanager
+async def partition(redis_server: RedisServer, *, history_size: int) -> AsyncIterator[Partition]:
+    prefix = f"test:{uuid.uuid4().hex[:10]}:"
+    settings: Any = {"key_prefix": prefix, "history_size": history_size, "timeout": 1.0, "max_backoff": 0.1}
+    async with Cuttable(redis_server.port) as network:
+        worker = RedisBackend(network.url, **settings)
+        publisher = RedisBackend(redis_server.url, **settings)
+        state = Partition(network, worker, publisher, Inbox(), [])
+        worker.lost = lambda channels: state.lost.append(sorted(channels))
+        await worker.start(state.inbox)
+        await publisher.start(Inbox())
+        try:
+            yield state
+        finally:
+            await worker.close()
+            await publisher.close()
+
+
 @pytest.mark.anyio
 @pytest.mark.parametrize("trimmed", [False, True])
 async def test_after_a_partition_the_worker_catches_up_from_history_or_reports_the_gap(
     redis_server: RedisServer, trimmed: bool
 ) -> None:
-    prefix = f"test:{uuid.uuid4().hex[:10]}:"
-    settings: Any = {"key_prefix": prefix, "history_size": 2, "timeout": 1.0, "max_backoff": 0.1}
-    async with Cuttable(redis_server.port) as network:
-        worker = RedisBackend(network.url, **settings)
-        publisher = RedisBackend(redis_server.url, **settings)
-        inbox = Inbox()
-        lost: list[list[str]] = []
-        worker.lost = lambda channels: lost.append(sorted(channels))
-        await worker.start(inbox)
-        await publisher.start(Inbox())
-        try:
-            await worker.listen(["r", "s"])
-            first = await publisher.publish("r", b"1", None, store=True)
-            await inbox.wait_for(1)
-            network.cut()
-            during = [("r", b"2"), ("x", b"-"), ("s", b"3"), ("r", b"4")] + ([("r", b"5")] if trimmed else [])
-            missed = {p: await publisher.publish(ch, p, None, store=True) for ch, p in during}
-            network.heal()
-            last = await publisher.publish("s", b"6", None, store=True)
-            if trimmed:
-                # History of "r" kept only 4 and 5: 2 is lost, so "r" is reported, not replayed.
-                expected = [first, missed[b"3"], last]
-                assert [m.seq for m in await inbox.wait_for(3)] == [m.seq for m in expected]
-                assert lost == [["r"]]
-            else:
-                expected = [first, missed[b"2"], missed[b"3"], missed[b"4"], last]
-                assert [m.seq for m in await inbox.wait_for(5)] == [m.seq for m in expected]
-                assert lost == []
-            assert worker.reconnects == 1
-            assert [m.payload for m in inbox.messages] == [m.payload for m in expected]
-        finally:
-            await worker.close()
-            await publisher.close()
+    async with partition(redis_server, history_size=2) as cut:
+        network, worker, publisher, inbox, lost = cut.network, cut.worker, cut.publisher, cut.inbox, cut.lost
+        await worker.listen(["r", "s"])
+        first = await publisher.publish("r", b"1", None, store=True)
+        await inbox.wait_for(1)
+        network.cut()
+        during = [("r", b"2"), ("x", b"-"), ("s", b"3"), ("r", b"4")] + ([("r", b"5")] if trimmed else [])
+        missed = {p: await publisher.publish(ch, p, None, store=True) for ch, p in during}
+        network.heal()
+        last = await publisher.publish("s", b"6", None, store=True)
+        if trimmed:
+            # History of "r" kept only 4 and 5: 2 is lost, so "r" is reported, not replayed.
+            expected = [first, missed[b"3"], last]
+            assert [m.seq for m in await inbox.wait_for(3)] == [m.seq for m in expected]
+            assert lost == [["r"]]
+        else:
+            expected = [first, missed[b"2"], missed[b"3"], missed[b"4"], last]
+            assert [m.seq for m in await inbox.wait_for(5)] == [m.seq for m in expected]
+            assert lost == []
+        assert worker.reconnects == 1
+        assert [m.payload for m in inbox.messages] == [m.payload for m in expected]
 
 
 @pytest.mark.anyio
 async def test_after_a_partition_the_worker_catches_up_on_events_for_its_clients(redis_server: RedisServer) -> None:
     # Regression: send_to events published while a worker was cut off were lost
     # silently, since per-client events are kept out of history.
-    prefix = f"test:{uuid.uuid4().hex[:10]}:"
-    settings: Any = {"key_prefix": prefix, "history_size": 3, "timeout": 1.0, "max_backoff": 0.1}
     client_channel = "$client:" + "a" * 12 + "." + "b" * 32
-    async with Cuttable(redis_server.port) as network:
-        worker = RedisBackend(network.url, **settings)
-        publisher = RedisBackend(redis_server.url, **settings)
-        inbox = Inbox()
-        lost: list[list[str]] = []
-        worker.lost = lambda channels: lost.append(sorted(channels))
-        await worker.start(inbox)
-        await publisher.start(Inbox())
-        try:
-            await worker.listen(["r", client_channel])
-            first = await publisher.publish(client_channel, b"1", None, store=False)
-            await inbox.wait_for(1)
-            network.cut()
-            during = [
-                await publisher.publish(client_channel, str(i).encode(), "msg-" + str(i), store=False) for i in (2, 3)
-            ]
-            network.heal()
-            last = await publisher.publish("r", b"4", None, store=True)
-            expected = [first, *during, last]
-            assert [m.seq for m in await inbox.wait_for(4)] == [m.seq for m in expected]
-            assert [m.id for m in inbox.messages[1:3]] == ["msg-2", "msg-3"]
-            assert lost == []
-            # More than the backlog holds: the worker cannot know what it lost, so it
-            # reports its clients' channels instead of staying silent.
-            network.cut()
-            for _ in range(5):
-                await publisher.publish(client_channel, b"x", None, store=False)
-            network.heal()
-            await publisher.publish("r", b"5", None, store=True)
-            await inbox.wait_for(8)
-            assert lost == [[client_channel]]
-        finally:
-            await worker.close()
-            await publisher.close()
+    async with partition(redis_server, history_size=3) as cut:
+        network, worker, publisher, inbox, lost = cut.network, cut.worker, cut.publisher, cut.inbox, cut.lost
+        await worker.listen(["r", client_channel])
+        first = await publisher.publish(client_channel, b"1", None, store=False)
+        await inbox.wait_for(1)
+        network.cut()
+        during = [
+            await publisher.publish(client_channel, str(i).encode(), "msg-" + str(i), store=False) for i in (2, 3)
+        ]
+        network.heal()
+        last = await publisher.publish("r", b"4", None, store=True)
+        expected = [first, *during, last]
+        assert [m.seq for m in await inbox.wait_for(4)] == [m.seq for m in expected]
+        assert [m.id for m in inbox.messages[1:3]] == ["msg-2", "msg-3"]
+        assert lost == []
+        # More than the backlog holds: the worker cannot know what it lost, so it
+        # reports its clients' channels instead of staying silent.
+        network.cut()
+        for _ in range(5):
+            await publisher.publish(client_channel, b"x", None, store=False)
+        network.heal()
+        await publisher.publish("r", b"5", None, store=True)
+        await inbox.wait_for(8)
+        assert lost == [[client_channel]]
 
 
 @pytest.mark.anyio
