@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections import deque
 from collections.abc import Callable
 from contextvars import Context
 from datetime import datetime
@@ -14,6 +13,9 @@ if TYPE_CHECKING:
 
     from fastapi_sse.settings import OverflowPolicy
     from fastapi_sse.writer import Handoff
+
+
+_NO_CHANNELS: frozenset[str] = frozenset()  # shared: each frozenset() call allocates one
 
 
 class Frame:
@@ -60,6 +62,7 @@ class SSEClient:
         "_floor",
         "_handoff",
         "_limit",
+        "_listening",
         "_on_ready",
         "_parked",
         "_policy",
@@ -68,6 +71,7 @@ class SSEClient:
         "_send",
         "_task",
         "_waiter",
+        "_woken",
         "attached",
         "channels",
         "close_reason",
@@ -103,7 +107,7 @@ class SSEClient:
         self.sending = False
         self.last_write = 0.0
         self.dropped = 0
-        self._buffer: deque[Frame] = deque()
+        self._buffer: list[Frame] = []
         self._buffered = 0
         self._limit = buffer_limit
         self._policy = policy
@@ -114,7 +118,7 @@ class SSEClient:
         # During a resume, live events up to the replayed head on the replayed
         # channels are already in the replay: skip them.
         self._floor = 0
-        self._replayed: frozenset[str] = frozenset()
+        self._replayed = _NO_CHANNELS
         # Set by the service: called with the number of frames dropped, 0 meaning
         # "disconnect this client".
         self.on_overflow: Callable[[SSEClient, int], None] | None = None
@@ -122,6 +126,10 @@ class SSEClient:
         # write), ``push`` hands the client to the service's writer, which calls
         # ``_send`` in ``_context``; a send it cannot finish becomes ``_handoff``.
         self._parked = False
+        # While parked, the stream's task waits in the ASGI ``receive`` for the
+        # disconnect (``_listening``); ``wake`` cancels that wait and sets ``_woken``.
+        self._listening = False
+        self._woken = False
         self._queued = False
         self._on_ready: Callable[[SSEClient], None] | None = None
         self._send: Send | None = None
@@ -160,10 +168,12 @@ class SSEClient:
             self._count_drop(1)
             return False
         if policy == "drop_oldest":
+            buffer = self._buffer
             dropped = 0
-            while self._buffer and self._buffered + size > self._limit:
-                self._buffered -= len(self._buffer.popleft().data)
+            while dropped < len(buffer) and self._buffered + size > self._limit:
+                self._buffered -= len(buffer[dropped].data)
                 dropped += 1
+            del buffer[:dropped]
             self._count_drop(dropped)
             return True
         if self.on_overflow is not None:
@@ -186,7 +196,7 @@ class SSEClient:
         else:
             count -= 1  # a heartbeat, only ever queued first into an empty buffer
             created = buffer[1].created if count else 0.0
-        chunk = buffer.popleft().data if len(buffer) == 1 else b"".join([f.data for f in buffer])
+        chunk = first.data if len(buffer) == 1 else b"".join([f.data for f in buffer])
         buffer.clear()
         self._buffered = 0
         return chunk, count, created
@@ -208,6 +218,10 @@ class SSEClient:
 
     def wake(self) -> None:
         self._parked = False
+        if self._listening and self._task is not None:
+            self._listening = False
+            self._woken = True
+            self._task.cancel()
         waiter = self._waiter
         if waiter is not None:
             self._waiter = None

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
+import anyio
 from sse_starlette.sse import EventSourceResponse
 from starlette.types import Receive, Scope, Send
 
@@ -25,22 +27,52 @@ async def _nothing() -> AsyncIterator[bytes]:
     yield  # pragma: no cover
 
 
+# sse-starlette's headers (text/event-stream, no-store, X-Accel-Buffering: no), built once.
+_RAW_HEADERS = tuple(EventSourceResponse(_nothing(), ping=0).raw_headers)
+
+
 class SSEResponse(EventSourceResponse):
     """The response :meth:`SSEService.add_client` returns; return it from the handler.
 
     It keeps sse-starlette's headers (``text/event-stream``, ``Cache-Control``,
     ``X-Accel-Buffering: no``) but replaces its per-connection tasks (ping,
     shutdown watcher, sender): the service sends heartbeats for all clients from
-    one task, and the handler's own task writes the frames, so a connection costs
-    one extra task (the disconnect listener) and no per-event encoding.
+    one task, the service's writer writes frames to idle streams, and the
+    handler's own task, once parked, listens for the disconnect. A connection
+    costs no task of its own and no per-event encoding.
     """
 
     media_type = "text/event-stream"
+    # What sse-starlette's __init__ sets on every instance, as class defaults: a stream
+    # carries only its client, its service and its own header list.
+    status_code = 200
+    background = None
+    sep = "\r\n"
+    data_sender_callable = None
+    send_timeout = None
+    ping_message_factory = None
+    client_close_handler_callable = None
+    active = True
+    _ping_interval = 0
+    _shutdown_event = None
+    _shutdown_grace_period = 0
+    _cleanup_timeout = EventSourceResponse.DEFAULT_CLEANUP_TIMEOUT
 
     def __init__(self, client: SSEClient, service: SSEService) -> None:
-        super().__init__(_nothing(), ping=0)
+        # Not EventSourceResponse.__init__: it would build the same headers, a lock
+        # and a generator for every connection, none of which the stream uses.
+        self.raw_headers = list(_RAW_HEADERS)
         self.client = client
         self.service = service
+
+    @property
+    def body_iterator(self) -> AsyncIterator[bytes]:  # type: ignore[override]
+        """Empty: the stream writes the service's frames, not an iterator."""
+        return _nothing()
+
+    @functools.cached_property
+    def _send_lock(self) -> anyio.Lock:  # type: ignore[override]
+        return anyio.Lock()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         client, service = self.client, self.service
@@ -53,7 +85,6 @@ class SSEResponse(EventSourceResponse):
         loop = asyncio.get_running_loop()
         task = asyncio.current_task()
         client._task = task
-        watcher = loop.create_task(_watch_disconnect(receive, client, service))
         attached = service._attach(client)
         disconnected = False
         reason = DisconnectReason.CLIENT_CLOSED
@@ -88,9 +119,21 @@ class SSEResponse(EventSourceResponse):
                 elif client.closed:
                     break
                 else:
-                    # Parked: the service's writer writes what comes next (see writer.py).
+                    # Parked: the service's writer writes what comes next (see writer.py),
+                    # and this task listens for the disconnect. ``wake`` cancels the wait.
                     client._parked = True
-                    await client.wait()
+                    client._listening = True
+                    try:
+                        message = await receive()
+                    except asyncio.CancelledError:
+                        if not client._woken or task is None or task.uncancel():
+                            raise
+                        client._woken = False
+                        continue
+                    finally:
+                        client._listening = False
+                    if message["type"] == "http.disconnect":
+                        service._close(client, DisconnectReason.CLIENT_CLOSED, discard=True)
             reason = client.close_reason or reason
             disconnected = reason == DisconnectReason.CLIENT_CLOSED
         except asyncio.CancelledError:
@@ -106,7 +149,6 @@ class SSEResponse(EventSourceResponse):
             if client._handoff is not None:
                 client._handoff.close()
                 client._handoff = None
-            watcher.cancel()
             service._detach(client, reason)
         if not disconnected:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -125,11 +167,3 @@ async def _send_chunks(send: Send, chunks: list[bytes]) -> None:
             batch, size = [], 0
     if batch:
         await send({"type": "http.response.body", "body": b"".join(batch), "more_body": True})
-
-
-async def _watch_disconnect(receive: Receive, client: SSEClient, service: SSEService) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            service._close(client, DisconnectReason.CLIENT_CLOSED, discard=True)
-            return

@@ -6,11 +6,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 from helpers.apps import fast_settings, router_app, served
-from helpers.streams import open_stream, wait_until
+from helpers.streams import open_stream, raw_request, wait_until
+from sse_starlette.sse import EventSourceResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fastapi_sse import tune_gc
@@ -98,3 +100,50 @@ def test_tune_gc_freezes_startup_objects_and_raises_thresholds() -> None:
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
+
+
+def test_an_open_stream_costs_no_task_beyond_the_servers_own() -> None:
+    with served(router_app()) as (srv, sse):
+        with open_stream(srv.url + "/subscribe", params={"channel": "warm"}):
+            pass
+        wait_until(lambda: not srv.call(sse.get_clients))
+        baseline = int(srv.call(lambda: len(asyncio.all_tasks())))
+        socks = []
+        for _ in range(20):
+            sock, head = raw_request(srv.port, "/subscribe?channel=c")
+            assert head is not None and head.status == 200
+            socks.append((sock, head))
+        wait_until(lambda: len(srv.call(sse.get_clients)) == 20 and all(c._listening for c in sse.get_clients()))
+        # uvicorn runs each request in one task; parked streams add none.
+        assert srv.call(lambda: len(asyncio.all_tasks())) == baseline + 20
+        srv.call(sse.broadcast, "c", "n", "to all")
+        for _, head in socks:
+            assert b'"to all"' in head.read_until(b'"to all"')
+        victim = srv.call(sse.get_clients)[0]
+        assert srv.call(sse.remove_client, victim.id)
+        wait_until(lambda: victim._task is not None and victim._task.done(), message="the removed stream to end")
+        for sock, _ in socks:
+            sock.close()
+        wait_until(lambda: not srv.call(sse.get_clients), message="disconnects noticed by parked streams")
+        assert sse.stats().disconnects == {"client_closed": 20, "removed": 1}
+
+
+def test_sse_response_answers_for_every_attribute_of_an_event_source_response() -> None:
+    async def nothing() -> AsyncIterator[bytes]:
+        yield b""
+
+    reference = EventSourceResponse(nothing(), ping=0)
+    with served(router_app()) as (srv, sse):
+        _, response = srv.call(sse.add_client)
+        for name, value in vars(reference).items():
+            if name == "body_iterator":
+                assert isinstance(getattr(response, name), AsyncIterator)
+            elif name == "_send_lock":
+                assert type(getattr(response, name)) is type(value)
+            else:
+                assert getattr(response, name) == value, name
+        assert isinstance(response, EventSourceResponse)
+        assert response.headers["content-type"] == "text/event-stream; charset=utf-8"
+        response.headers["x-extra"] = "1"
+        _, other = srv.call(sse.add_client)
+        assert "x-extra" not in other.headers
