@@ -54,6 +54,14 @@ class SSESettings(BaseSettings):
         gt=0,
         description="Seconds to wait for Redis to connect or answer a command before it counts as unreachable.",
     )
+    redis_max_connections: int = Field(
+        default=50,
+        ge=1,
+        description=(
+            "Connections in each worker's pool for publishing, replay and opening streams. "
+            "When all are busy, a caller waits up to redis_timeout for one."
+        ),
+    )
     redis_max_backoff: float = Field(
         default=5.0,
         gt=0,

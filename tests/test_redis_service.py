@@ -13,7 +13,7 @@ import httpx
 from conftest import RedisServer, Served
 from fastapi import Request
 from helpers.apps import fast_settings, router_app, served
-from helpers.streams import open_stream, wait_until
+from helpers.streams import RawResponse, open_stream, raw_request, wait_until
 from test_redis_faults import kill, private_redis, restart
 
 from fastapi_sse import SSEService
@@ -102,3 +102,21 @@ def test_redis_outage_ends_new_streams_and_a_data_loss_closes_the_others() -> No
             one.url + "/subscribe", params={"channel": "r"}, headers={"Last-Event-ID": before}, opened=False
         ) as resumed:
             assert resumed.next_event().event == "gap"
+
+
+BURST = 300
+
+
+def test_a_burst_of_streams_beyond_the_connection_pool_waits_for_a_connection(redis_server: RedisServer) -> None:
+    with cluster(redis_server, count=1, redis_max_connections=1) as [(one, sse)]:
+        # Every request is sent before any is answered: their openings all need Redis at once.
+        socks = [raw_request(one.port, "/subscribe?channel=burst", read_response=False)[0] for _ in range(BURST)]
+        try:
+            for sock in socks:
+                head = RawResponse(sock)
+                assert head.status == 200
+                assert b"\nid: " in head.read_until(b"\nid: ")
+            assert len(one.call(sse.get_clients)) == BURST
+        finally:
+            for sock in socks:
+                sock.close()

@@ -275,6 +275,7 @@ class RedisBackend(Backend):
         history_ttl: float = 3600.0,
         id_index_size: int = 100_000,
         timeout: float = 5.0,
+        max_connections: int = 50,
         max_backoff: float = 5.0,
         health_interval: float = 5.0,
     ) -> None:
@@ -284,6 +285,7 @@ class RedisBackend(Backend):
         self.history_ttl = history_ttl
         self.id_index_size = id_index_size
         self.timeout = timeout
+        self.max_connections = max_connections
         self.max_backoff = max_backoff
         self.health_interval = health_interval
         self._redis: aioredis.Redis | None = None
@@ -314,6 +316,7 @@ class RedisBackend(Backend):
             history_ttl=settings.history_ttl,
             id_index_size=settings.redis_id_index_size,
             timeout=settings.redis_timeout,
+            max_connections=settings.redis_max_connections,
             max_backoff=settings.redis_max_backoff,
             health_interval=settings.redis_health_interval,
         )
@@ -325,12 +328,17 @@ class RedisBackend(Backend):
         subscription connection. Raises :class:`BackendError` saying what to fix."""
         where = _redact(self.url)
         try:
-            # One retry: a pooled connection may be stale after Redis restarted.
-            client = aioredis.Redis.from_url(
-                self.url,
-                retry=Retry(NoBackoff(), 1),
-                socket_timeout=self.timeout,
-                socket_connect_timeout=self.timeout,
+            # One retry: a pooled connection may be stale after Redis restarted. A
+            # burst of callers beyond the pool waits for a connection instead of failing.
+            client = aioredis.Redis.from_pool(
+                aioredis.BlockingConnectionPool.from_url(
+                    self.url,
+                    max_connections=self.max_connections,
+                    timeout=self.timeout,
+                    retry=Retry(NoBackoff(), 1),
+                    socket_timeout=self.timeout,
+                    socket_connect_timeout=self.timeout,
+                )
             )
             # The subscription connection has its own single-connection pool and no
             # retries: a silent reconnect inside redis-py would skip the catch-up.
