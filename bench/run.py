@@ -167,7 +167,19 @@ def median_of(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {k: statistics.median(r[k] for r in rows) for k in keys}
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def measure(spec: dict[str, Any], timeout: float, what: str, failures: list[str]) -> dict[str, Any] | None:
+    """One load run; a run that fails (an app that cannot hold the load) is reported
+    and recorded, and the benchmark goes on."""
+    try:
+        return load(spec, timeout)
+    except (RuntimeError, subprocess.TimeoutExpired) as exc:
+        reason = str(exc).strip().splitlines()[-1]
+        failures.append(f"{what}: {reason}")
+        print(f"  {what}: FAILED ({reason})", flush=True)
+        return None
+
+
+def run(args: argparse.Namespace, failures: list[str]) -> dict[str, Any]:
     sizes = (
         [int(s) for s in args.sizes.split(",")]
         if args.sizes
@@ -184,19 +196,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             # Rotate the order of the apps: none always runs first on a cold machine.
             order = apps[repeat % len(apps) :] + apps[: repeat % len(apps)]
             for app in order:
+                what = f"{scenario:9} {label:>9} {app:15} run {repeat + 1}"
                 with server(app, env_for(app, extra, args.tune_gc)) as port:
-                    result = load({**spec, "host": "127.0.0.1", "port": port, "deadline": timeout / 2}, timeout)
+                    spec_here = {**spec, "host": "127.0.0.1", "port": port, "deadline": timeout / 2}
+                    result = measure(spec_here, timeout, what, failures)
+                if result is None:
+                    continue
                 raw.setdefault(scenario, {}).setdefault(label, {}).setdefault(app, []).append(result)
-                print(f"  {scenario:9} {label:>9} {app:15} run {repeat + 1}: {_brief(result)}", flush=True)
-        if args.partial:
-            Path(args.partial).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.partial).write_text(json.dumps(raw, indent=1))
+                print(f"  {what}: {_brief(result)}", flush=True)
+        partial = Path(args.partial or Path(args.out) / "partial.json")
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(json.dumps({"raw": raw, "failures": failures}, indent=1))
     if not wanted or "redis" in wanted:
-        raw.update(run_redis(args, timeout))
+        raw.update(run_redis(args, timeout, failures))
     return raw
 
 
-def run_redis(args: argparse.Namespace, timeout: float) -> dict[str, Any]:
+def run_redis(args: argparse.Namespace, timeout: float, failures: list[str]) -> dict[str, Any]:
     """In-memory single worker against Redis with two workers, same load."""
     if importlib.util.find_spec("fastapi_sse.backends.redis") is None:
         print("  redis     skipped: fastapi_sse.backends.redis is not available in this checkout", flush=True)
@@ -222,13 +238,14 @@ def run_redis(args: argparse.Namespace, timeout: float) -> dict[str, Any]:
                     {"SSE_BACKEND": "redis", "SSE_REDIS_URL": redis.url},
                 ),
             ):
+                what = f"redis     {n:>9} {label:15} run {repeat + 1}"
                 with server("ours", {**env_for("ours", {}, args.tune_gc), **env}, workers) as port:
-                    result = load(
-                        {**spec, "host": "127.0.0.1", "port": port, "workers": workers, "deadline": timeout / 2},
-                        timeout,
-                    )
+                    spec_here = {**spec, "host": "127.0.0.1", "port": port, "workers": workers, "deadline": timeout / 2}
+                    result = measure(spec_here, timeout, what, failures)
+                if result is None:
+                    continue
                 out["redis"][f"{n}"].setdefault(label, []).append(result)
-                print(f"  redis     {n:>9} {label:15} run {repeat + 1}: {_brief(result)}", flush=True)
+                print(f"  {what}: {_brief(result)}", flush=True)
     finally:
         redis.proc.kill()
         redis.proc.wait(10)
@@ -394,7 +411,9 @@ def main() -> None:
     parser.add_argument(
         "--tune-gc", action=argparse.BooleanOptionalAction, default=True, help="fastapi_sse.tune_gc() in our app"
     )
-    parser.add_argument("--partial", default="", help="also write the raw results here after each scenario")
+    parser.add_argument(
+        "--partial", default="", help="raw results written after each scenario (default: OUT/partial.json)"
+    )
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"), help="directory of the JSON results")
     parser.add_argument(
         "--chart",
@@ -410,9 +429,12 @@ def main() -> None:
         args.repeats = 1 if args.smoke else 3
     started = time.time()
     print(f"benchmark: apps={args.apps} repeats={args.repeats}{' (smoke)' if args.smoke else ''}", flush=True)
-    raw = run(args)
+    failures: list[str] = []
+    raw = run(args, failures)
     summary = summarise(raw)
     print(table(summary))
+    if failures:
+        print("\nfailed runs (left out of the medians):\n" + "\n".join(f"  {f}" for f in failures))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -424,10 +446,12 @@ def main() -> None:
         "seconds": time.time() - started,
         "summary": summary,
         "raw": raw,
+        "failures": failures,
     }
     (out / f"bench-{stamp}.json").write_text(json.dumps(report, indent=1))
     (out / "latest.json").write_text(json.dumps(report, indent=1))
-    (out / "latest.md").write_text(markdown(summary))
+    failed = "".join(f"\n- failed, left out: {f.strip()}" for f in failures)
+    (out / "latest.md").write_text(markdown(summary) + (f"\n{failed.strip()}\n" if failed else ""))
     charts = [Path(args.chart)] if args.chart else [out / "bench.png"]
     if not args.smoke and not args.chart and not args.sizes and not args.scenarios:
         charts.append(ROOT / "docs" / "img" / "bench.png")
