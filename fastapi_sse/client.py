@@ -62,7 +62,6 @@ class SSEClient:
         "_floor",
         "_handoff",
         "_limit",
-        "_listening",
         "_on_ready",
         "_parked",
         "_policy",
@@ -70,7 +69,6 @@ class SSEClient:
         "_replayed",
         "_send",
         "_task",
-        "_waiter",
         "_woken",
         "attached",
         "channels",
@@ -111,7 +109,6 @@ class SSEClient:
         self._buffered = 0
         self._limit = buffer_limit
         self._policy = policy
-        self._waiter: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
         # True once mark_closed cancelled the stream's task (see SSEResponse).
         self._cancelled = False
@@ -123,12 +120,11 @@ class SSEClient:
         # "disconnect this client".
         self.on_overflow: Callable[[SSEClient, int], None] | None = None
         # Set by the response: while the stream's task is parked (nothing left to
-        # write), ``push`` hands the client to the service's writer, which calls
-        # ``_send`` in ``_context``; a send it cannot finish becomes ``_handoff``.
+        # write, waiting in the ASGI ``receive`` for the disconnect), ``push`` hands
+        # the client to the service's writer, which calls ``_send`` in ``_context``;
+        # a send it cannot finish becomes ``_handoff``. ``wake`` ends the park by
+        # cancelling that wait, and sets ``_woken`` so the stream knows it was ours.
         self._parked = False
-        # While parked, the stream's task waits in the ASGI ``receive`` for the
-        # disconnect (``_listening``); ``wake`` cancels that wait and sets ``_woken``.
-        self._listening = False
         self._woken = False
         self._queued = False
         self._on_ready: Callable[[SSEClient], None] | None = None
@@ -150,16 +146,10 @@ class SSEClient:
             return
         self._buffer.append(frame)
         self._buffered += size
-        if self._parked:
-            if not self._queued and self._on_ready is not None:
-                self._queued = True
-                self._on_ready(self)
-            return
-        waiter = self._waiter
-        if waiter is not None:
-            self._waiter = None
-            if not waiter.done():
-                waiter.set_result(None)
+        # An unparked stream's task is running its loop and takes the buffer itself.
+        if self._parked and not self._queued and self._on_ready is not None:
+            self._queued = True
+            self._on_ready(self)
 
     def _overflow(self, size: int) -> bool:
         """Apply the overflow policy; True when the new frame may still be queued."""
@@ -211,22 +201,13 @@ class SSEClient:
     def buffered_bytes(self) -> int:
         return self._buffered
 
-    def wait(self) -> asyncio.Future[None]:
-        waiter = asyncio.get_running_loop().create_future()
-        self._waiter = waiter
-        return waiter
-
     def wake(self) -> None:
-        self._parked = False
-        if self._listening and self._task is not None:
-            self._listening = False
-            self._woken = True
-            self._task.cancel()
-        waiter = self._waiter
-        if waiter is not None:
-            self._waiter = None
-            if not waiter.done():
-                waiter.set_result(None)
+        """End the stream's park, if it is parked: cancel its wait in ``receive``."""
+        if self._parked:
+            self._parked = False
+            if self._task is not None:
+                self._woken = True
+                self._task.cancel()
 
     def mark_closed(self, reason: str, *, discard: bool) -> None:
         if self.closed:

@@ -122,7 +122,6 @@ class SSEResponse(EventSourceResponse):
                     # Parked: the service's writer writes what comes next (see writer.py),
                     # and this task listens for the disconnect. ``wake`` cancels the wait.
                     client._parked = True
-                    client._listening = True
                     try:
                         message = await receive()
                     except asyncio.CancelledError:
@@ -131,7 +130,7 @@ class SSEResponse(EventSourceResponse):
                         client._woken = False
                         continue
                     finally:
-                        client._listening = False
+                        client._parked = False
                     if message["type"] == "http.disconnect":
                         service._close(client, DisconnectReason.CLIENT_CLOSED, discard=True)
             reason = client.close_reason or reason
@@ -145,7 +144,6 @@ class SSEResponse(EventSourceResponse):
             return
         finally:
             client.sending = False
-            client._parked = False
             if client._handoff is not None:
                 client._handoff.close()
                 client._handoff = None

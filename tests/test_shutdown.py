@@ -83,8 +83,12 @@ def test_signal_handlers_end_streams_and_chain_to_the_previous_handler() -> None
                 sse.install_signal_handlers()  # idempotent: the previous handler is kept once
                 client, _ = sse.add_client()
                 signal.raise_signal(signal.SIGTERM)
-                # The handler schedules shutdown() on the loop, which wakes the client.
-                await asyncio.wait_for(client.wait(), 5)
+                # The handler schedules shutdown() on the loop; callbacks run in order,
+                # so once this one has run, so has shutdown().
+                after = asyncio.get_running_loop().create_future()
+                asyncio.get_running_loop().call_soon(after.set_result, None)
+                await asyncio.wait_for(after, 5)
+                assert client.closed
                 assert client.close_reason == "shutdown"
                 assert received == [signal.SIGTERM]
                 # Off the main thread both calls are no-ops.

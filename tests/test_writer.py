@@ -113,7 +113,7 @@ def test_an_open_stream_costs_no_task_beyond_the_servers_own() -> None:
             sock, head = raw_request(srv.port, "/subscribe?channel=c")
             assert head is not None and head.status == 200
             socks.append((sock, head))
-        wait_until(lambda: len(srv.call(sse.get_clients)) == 20 and all(c._listening for c in sse.get_clients()))
+        wait_until(lambda: len(srv.call(sse.get_clients)) == 20 and all(c._parked for c in sse.get_clients()))
         # uvicorn runs each request in one task; parked streams add none.
         assert srv.call(lambda: len(asyncio.all_tasks())) == baseline + 20
         srv.call(sse.broadcast, "c", "n", "to all")
