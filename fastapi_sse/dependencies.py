@@ -47,8 +47,11 @@ def sse_lifespan(
     return lifespan
 
 
-def get_sse(request: Request) -> SSEService:
-    """The ``Depends()`` provider of the running :class:`SSEService`."""
+async def get_sse(request: Request) -> SSEService:
+    """The ``Depends()`` provider of the running :class:`SSEService`.
+
+    A coroutine, so FastAPI calls it on the event loop (it would run a plain
+    function in its threadpool, a thread hop for every request)."""
     service = getattr(request.state, STATE_KEY, None)
     if service is None:
         service = getattr(request.app.state, STATE_KEY, None)

@@ -316,7 +316,7 @@ def test_app_without_service_explains_the_fix() -> None:
         get_sse_from_app(app)
     request = Request({"type": "http", "app": app, "headers": []})
     with pytest.raises(ServiceNotRunningError) as info:
-        get_sse(request)
+        asyncio.run(get_sse(request))
     assert "create_sse_router" in str(info.value)
     assert "sse_lifespan" in str(info.value)
 
