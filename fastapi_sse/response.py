@@ -14,6 +14,7 @@ from sse_starlette.sse import EventSourceResponse
 from starlette.types import Receive, Scope, Send
 
 from fastapi_sse.client import DisconnectReason
+from fastapi_sse.middleware import claim
 
 if TYPE_CHECKING:
     from fastapi_sse.client import SSEClient
@@ -82,19 +83,36 @@ class SSEResponse(EventSourceResponse):
             await send(start)
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             return
-        loop = asyncio.get_running_loop()
-        task = asyncio.current_task()
-        client._task = task
+        client._task = asyncio.current_task()
         attached = service._attach(client)
-        disconnected = False
-        reason = DisconnectReason.CLIENT_CLOSED
         try:
             await send(start)
             if attached:
                 opening = await service._opening(client)
                 await _send_chunks(send, opening)
-                client.last_write = loop.time()
+                client.last_write = asyncio.get_running_loop().time()
                 service._sent(0, sum(map(len, opening)))
+        except BaseException:
+            self.abandon()
+            raise
+        if not claim(scope, self):
+            await self.run(receive, send)
+
+    def abandon(self) -> None:
+        """Let go of the client: its stream ended before :meth:`run` (its connection failed)."""
+        self.service._detach(self.client, DisconnectReason.CLIENT_CLOSED)
+
+    async def run(self, receive: Receive, send: Send) -> None:
+        """Write the client's events until the stream ends, then the end of the body and
+        the response's background task. The headers and the opening are already sent."""
+        client, service = self.client, self.service
+        loop = asyncio.get_running_loop()
+        # The task that runs the stream now: after SSEMiddleware took it, not always
+        # the one that opened it (BaseHTTPMiddleware runs its app in a task of its own).
+        task = client._task = asyncio.current_task()
+        disconnected = False
+        reason = DisconnectReason.CLIENT_CLOSED
+        try:
             client._send = send
             client._context = contextvars.copy_context()
             client._on_ready = service._writer.add
@@ -141,7 +159,7 @@ class SSEResponse(EventSourceResponse):
             # here. Any other cancellation is the server's.
             if not client._cancelled or task is None or task.uncancel():
                 raise
-            return
+            disconnected = True
         finally:
             client.sending = False
             if client._handoff is not None:
@@ -150,6 +168,8 @@ class SSEResponse(EventSourceResponse):
             service._detach(client, reason)
         if not disconnected:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
+        if self.background is not None:
+            await self.background()
 
 
 async def _send_chunks(send: Send, chunks: list[bytes]) -> None:

@@ -18,6 +18,7 @@ INTERNAL = {
     "fastapi_sse.settings": {"BackendName", "ENV_PREFIX", "IdentityLimitPolicy", "OverflowPolicy"},
     "fastapi_sse.stats": {"Counters", "LATENCY_BUCKETS"},
     "fastapi_sse.dependencies": {"STATE_KEY"},
+    "fastapi_sse.middleware": {"SCOPE_KEY", "Slot", "claim"},
     # Public, but imported as fastapi_sse.testing: it needs the `testing` extra.
     "fastapi_sse.testing": {"EventReader", "live_server", "open_event_stream"},
     "fastapi_sse.wire": {

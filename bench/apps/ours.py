@@ -1,6 +1,7 @@
 """This library: ``create_sse_router`` with every setting read from ``SSE_*`` variables.
 
-``BENCH_TUNE_GC=1`` applies :func:`fastapi_sse.tune_gc` once the service is running.
+``BENCH_TUNE_GC=1`` applies :func:`fastapi_sse.tune_gc` once the service is running;
+:class:`fastapi_sse.SSEMiddleware` is on unless ``BENCH_SSE_MIDDLEWARE=0``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,15 @@ from fastapi import FastAPI, Request
 
 import fastapi_sse
 from bench.apps.common import add_bench_routes
-from fastapi_sse import SSEClient, SSEService, Text, allow_all, create_sse_router, get_sse_from_app
+from fastapi_sse import (
+    SSEClient,
+    SSEMiddleware,
+    SSEService,
+    Text,
+    allow_all,
+    create_sse_router,
+    get_sse_from_app,
+)
 
 users: dict[str, str] = {}
 
@@ -33,6 +42,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 app = FastAPI(lifespan=lifespan)
 app.include_router(create_sse_router(authorize=allow_all, on_connect=remember_user, subscribe_path="/sse"))
+if os.environ.get("BENCH_SSE_MIDDLEWARE", "1") == "1":
+    app.add_middleware(SSEMiddleware)
 
 
 def broadcast(channel: str, data: str) -> None:
