@@ -154,6 +154,8 @@ class Cuttable:
         self._pipes: set[asyncio.StreamWriter] = set()
         self._silenced: set[asyncio.StreamWriter] = set()
         self._server: asyncio.Server | None = None
+        self._lose_reply = False
+        self.replies_lost = 0
         self.port = 0
 
     async def __aenter__(self) -> Cuttable:
@@ -185,17 +187,35 @@ class Cuttable:
         (a peer that vanished without a FIN); new connections work."""
         self._silenced |= self._pipes
 
+    def lose_next_reply(self) -> None:
+        """Let the next script call reach Redis, then drop its reply and the connection:
+        Redis ran it, and the caller cannot know."""
+        self._lose_reply = True
+
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if not self.open:
             writer.transport.abort()
             return
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
         self._pipes |= {writer, up_writer}
-        await asyncio.gather(self._pump(reader, up_writer), self._pump(up_reader, writer), return_exceptions=True)
+        armed = [False]
+        await asyncio.gather(
+            self._pump(reader, up_writer, armed, request=True),
+            self._pump(up_reader, writer, armed, request=False),
+            return_exceptions=True,
+        )
 
-    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pump(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, armed: list[bool], *, request: bool
+    ) -> None:
         try:
             while data := await reader.read(65536):
+                if request and self._lose_reply and b"EVAL" in data:
+                    self._lose_reply = False
+                    armed[0] = True
+                elif not request and armed[0]:
+                    self.replies_lost += 1
+                    return
                 if writer not in self._silenced:
                     writer.write(data)
                     await writer.drain()
@@ -312,3 +332,23 @@ async def test_a_silent_connection_is_detected_by_ping_and_replaced(redis_server
         finally:
             await worker.close()
             await publisher.close()
+
+
+@pytest.mark.anyio
+async def test_a_publish_whose_reply_is_lost_is_stored_once(redis_server: RedisServer) -> None:
+    # redis-py sends the call again on a fresh connection; the event must not be doubled.
+    async with Cuttable(redis_server.port) as network:
+        backend = RedisBackend(network.url, key_prefix=f"test:{uuid.uuid4().hex[:10]}:", timeout=1.0, max_backoff=0.1)
+        inbox = Inbox()
+        await backend.start(inbox)
+        try:
+            first = await backend.publish("news", b"one", None, store=True)
+            network.lose_next_reply()
+            second = await backend.publish("news", b"two", None, store=True)
+            assert network.replies_lost == 1
+            assert second.seq == first.seq + 1
+            assert await backend.head() == second.seq
+            replay = await backend.replay(["news"], first.seq - 1)
+            assert [(m.seq, m.payload) for m in replay.messages] == [(first.seq, b"one"), (second.seq, b"two")]
+        finally:
+            await backend.close()

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
+import uuid
 from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
@@ -109,16 +111,22 @@ return redis.call('GET', KEYS[1])
 
 # History entries are members "seq:ms:<id length>:<id><payload>" scored by seq, so one
 # ZRANGEBYSCORE answers a replay; ms (server time) lets entries expire one by one.
-# KEYS: seq, history, last, live, trim, floor, ids, id times, dead, worker backlog
+# A publish whose reply was lost is sent again by redis-py's retry with the same
+# arguments; its token's key holds the seq the first run gave it, so the event is
+# stored and announced once.
+# KEYS: seq, history, last, live, trim, floor, ids, id times, dead, worker backlog, token
 # ARGV: channel, event id or '', payload, store, history size, ttl ms, pubsub channel, id index size,
-#       '1' to keep the message in the worker backlog (events for one client)
+#       '1' to keep the message in the worker backlog (events for one client), token ttl ms
 _PUBLISH = (
     _SWEEP
     + _START
     + """
+local done = redis.call('GET', KEYS[11])
+if done then return tonumber(done) end
 start_counter(KEYS[1], KEYS[6])
 local seq = redis.call('INCR', KEYS[1])
 local sseq = string.format('%d', seq)
+redis.call('SET', KEYS[11], sseq, 'PX', ARGV[10])
 local channel, id, payload = ARGV[1], ARGV[2], ARGV[3]
 local size, ttl = tonumber(ARGV[5]), tonumber(ARGV[6])
 local now = now_ms()
@@ -300,6 +308,11 @@ class RedisBackend(Backend):
         self._reader: asyncio.Task[None] | None = None
         self._last_seq = 0
         self._closing = False
+        # Publish tokens: unique per publish call, kept by Redis as long as a retry
+        # of that call can arrive (two timeouts, and a second of slack).
+        self._token_prefix = uuid.uuid4().hex[:12] + ":"
+        self._publishes = itertools.count()
+        self._token_ttl_ms = round((2 * timeout + 1) * 1000)
         k = key_prefix
         self._k_seq, self._k_last, self._k_live = k + "seq", k + "last", k + "live"
         self._k_trim, self._k_floor, self._k_dead = k + "trim", k + "floor", k + "dead"
@@ -517,6 +530,7 @@ class RedisBackend(Backend):
             self._k_id_times,
             self._k_dead,
             self._backlog(channel) or self._k_dead,
+            f"{self.prefix}done:{self._token_prefix}{next(self._publishes)}",
         ]
         args: list[Any] = [
             channel,
@@ -528,6 +542,7 @@ class RedisBackend(Backend):
             self._route(channel),
             self.id_index_size,
             "1" if self._backlog(channel) else "0",
+            self._token_ttl_ms,
         ]
         try:
             seq = int(await self._publish_script(keys, args))
