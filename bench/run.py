@@ -213,39 +213,51 @@ def run(args: argparse.Namespace, failures: list[str]) -> dict[str, Any]:
 
 
 def run_redis(args: argparse.Namespace, timeout: float, failures: list[str]) -> dict[str, Any]:
-    """In-memory single worker against Redis with two workers, same load."""
+    """In-memory single worker against Redis with two workers, same load, at two rates:
+    an event every 10 ms, which saturates a 2-core machine running two workers,
+    redis-server and the load client, and every 50 ms, which leaves the cores idle
+    between events so the latency is the path's, not the scheduler's queue."""
     if importlib.util.find_spec("fastapi_sse.backends.redis") is None:
         print("  redis     skipped: fastapi_sse.backends.redis is not available in this checkout", flush=True)
         return {}
     n = 20 if args.smoke else 1000
-    spec = {
-        "scenario": "fanout",
-        "clients": n,
-        "events": 10 if args.smoke else 100,
-        "interval": 0.01,
-        "singles": 1 if args.smoke else 3,
-        "size": 64,
-    }
+    intervals = [0.01] if args.smoke else [0.01, 0.05]
     redis = start_redis()
-    out: dict[str, Any] = {"redis": {f"{n}": {}}}
+    out: dict[str, Any] = {"redis": {}}
     try:
         for repeat in range(args.repeats):
-            for label, workers, env in (
-                (REDIS_BASELINE, 1, {}),
-                (
-                    "redis-2-workers",
-                    2,
-                    {"SSE_BACKEND": "redis", "SSE_REDIS_URL": redis.url},
-                ),
-            ):
-                what = f"redis     {n:>9} {label:15} run {repeat + 1}"
-                with server("ours", {**env_for("ours", {}, args.tune_gc), **env}, workers) as port:
-                    spec_here = {**spec, "host": "127.0.0.1", "port": port, "workers": workers, "deadline": timeout / 2}
-                    result = measure(spec_here, timeout, what, failures)
-                if result is None:
-                    continue
-                out["redis"][f"{n}"].setdefault(label, []).append(result)
-                print(f"  {what}: {_brief(result)}", flush=True)
+            for interval in intervals:
+                size = f"{n}@{interval * 1000:.0f}ms"
+                spec = {
+                    "scenario": "fanout",
+                    "clients": n,
+                    "events": 10 if args.smoke else 100,
+                    "interval": interval,
+                    "singles": 1 if args.smoke else 3,
+                    "size": 64,
+                }
+                for label, workers, env in (
+                    (REDIS_BASELINE, 1, {}),
+                    (
+                        "redis-2-workers",
+                        2,
+                        {"SSE_BACKEND": "redis", "SSE_REDIS_URL": redis.url},
+                    ),
+                ):
+                    what = f"redis     {size:>9} {label:15} run {repeat + 1}"
+                    with server("ours", {**env_for("ours", {}, args.tune_gc), **env}, workers) as port:
+                        spec_here = {
+                            **spec,
+                            "host": "127.0.0.1",
+                            "port": port,
+                            "workers": workers,
+                            "deadline": timeout / 2,
+                        }
+                        result = measure(spec_here, timeout, what, failures)
+                    if result is None:
+                        continue
+                    out["redis"].setdefault(size, {}).setdefault(label, []).append(result)
+                    print(f"  {what}: {_brief(result)}", flush=True)
     finally:
         redis.proc.kill()
         redis.proc.wait(10)
