@@ -73,7 +73,7 @@ class SSEMiddleware:
             await self.app(scope, receive, slot.relay)
         except BaseException:
             if slot.stream is not None:
-                slot.stream.abandon()
+                slot.stream._abandon()
             raise
         stream = slot.stream
         if stream is None:
@@ -83,7 +83,7 @@ class SSEMiddleware:
         # otherwise stay alive (with their deques) for the whole life of the stream.
         for key in [key for key, value in scope.items() if isinstance(value, AsyncExitStack)]:
             del scope[key]
-        await stream.run(receive, send)
+        await stream._run(receive, send)
 
 
 def claim(scope: Scope, stream: SSEResponse) -> bool:

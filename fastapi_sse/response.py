@@ -83,7 +83,6 @@ class SSEResponse(EventSourceResponse):
             await send(start)
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             return
-        client._task = asyncio.current_task()
         attached = service._attach(client)
         try:
             await send(start)
@@ -93,22 +92,23 @@ class SSEResponse(EventSourceResponse):
                 client.last_write = asyncio.get_running_loop().time()
                 service._sent(0, sum(map(len, opening)))
         except BaseException:
-            self.abandon()
+            self._abandon()
             raise
         if not claim(scope, self):
-            await self.run(receive, send)
+            await self._run(receive, send)
 
-    def abandon(self) -> None:
-        """Let go of the client: its stream ended before :meth:`run` (its connection failed)."""
+    def _abandon(self) -> None:
+        """Let go of the client: its stream ended before :meth:`_run` (its connection failed)."""
         self.service._detach(self.client, DisconnectReason.CLIENT_CLOSED)
 
-    async def run(self, receive: Receive, send: Send) -> None:
+    async def _run(self, receive: Receive, send: Send) -> None:
         """Write the client's events until the stream ends, then the end of the body and
         the response's background task. The headers and the opening are already sent."""
         client, service = self.client, self.service
         loop = asyncio.get_running_loop()
-        # The task that runs the stream now: after SSEMiddleware took it, not always
-        # the one that opened it (BaseHTTPMiddleware runs its app in a task of its own).
+        # The task that ``wake`` and a stuck send cancel: the one running this loop, not
+        # always the one that opened the stream (after SSEMiddleware took it from a
+        # BaseHTTPMiddleware, which runs its app in a task of its own).
         task = client._task = asyncio.current_task()
         disconnected = False
         reason = DisconnectReason.CLIENT_CLOSED
