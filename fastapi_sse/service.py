@@ -1,4 +1,4 @@
-"""The SSE service: the seed's API, fan-out, limits, stats and lifecycle."""
+"""The SSE service: clients, channels, publishing, fan-out, limits, stats and lifecycle."""
 
 from __future__ import annotations
 
@@ -448,7 +448,7 @@ class SSEService:
     # -- stats ------------------------------------------------------------------------
 
     def stats(self) -> ConnectionStats:
-        """Connection statistics of this process (the seed's admin view, and more);
+        """Connection statistics of this process (the admin connections view, and more);
         :meth:`cluster_stats` adds up every worker sharing the backend."""
         clients = self._clients.values()
         by_channel: Counter[str] = Counter()

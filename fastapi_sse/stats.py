@@ -55,7 +55,7 @@ class Counters:
 
 
 class ConnectionStats(BaseModel):
-    """Connection statistics: the seed's three fields, then what an operator needs."""
+    """Connection statistics: total, by channel and oldest connection, then what an operator needs."""
 
     scope: Literal["worker", "cluster"] = Field(
         description="`worker`: this process only; `cluster`: every worker sharing the backend."
