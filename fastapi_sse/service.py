@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from types import FrameType
 from typing import Any, TypeVar
 
-from fastapi_sse import wire
+from fastapi_sse import middleware, wire
 from fastapi_sse.backends.base import Backend, Message
 from fastapi_sse.backends.memory import MemoryBackend
 from fastapi_sse.client import DisconnectReason, Frame, SSEClient
@@ -100,6 +100,8 @@ class SSEService:
         self._interest_done = 0
         self._interest_wake = asyncio.Event()
         self._previous_handlers: dict[int, Any] = {}
+        # Clients whose identity holds a slot in the shared backend (claimed once).
+        self._claimed: set[str] = set()
         self._retry_frame = wire.retry_frame(self.settings.retry_interval)
         self._writer = Writer(self._sent)
 
@@ -162,6 +164,11 @@ class SSEService:
         self._running = False
         self.restore_signal_handlers()
 
+    @property
+    def running(self) -> bool:
+        """Whether the service is started and not yet closed."""
+        return self._running
+
     async def __aenter__(self) -> SSEService:
         await self.start()
         return self
@@ -214,20 +221,26 @@ class SSEService:
     def add_client(
         self, last_event_id: str | None = None, *, identity: str | None = None
     ) -> tuple[SSEClient, SSEResponse]:
-        """Create a client and the response that streams to it.
+        """Create a client and the response that streams to it; return the response
+        from the handler.
 
-        ``last_event_id`` (the ``Last-Event-ID`` header or query parameter) makes the
-        stream replay what the client missed on every channel it is subscribed to
-        before the response starts. ``identity`` (e.g. the user id) applies
-        ``max_connections_per_identity``. Raises :class:`LimitExceededError` (an
-        ``HTTPException``) when a limit refuses the connection. With a shared backend
-        the identity limit is cluster-wide: then also ``await
-        enforce_identity_limit(client)`` before returning the response (the router does).
+        The stream replays what the client missed on every channel it is subscribed to
+        before the response starts, from ``last_event_id``: by default the request's
+        own ``Last-Event-ID`` header (what EventSource sends on every reconnect), or
+        its ``last_event_id`` query parameter for a first connection. Pass ``""`` to
+        start fresh. ``identity`` (e.g. the user id) applies
+        ``max_connections_per_identity``, across every worker with a shared backend.
+        Raises :class:`LimitExceededError` (an ``HTTPException``) when a limit refuses
+        the connection. If the handler ends without returning the response (it raised
+        its own 400 or 403, or returned something else), the client is released when
+        the request ends.
         """
         if (loop := self._other_threads_loop()) is not None:
             return _run_in(loop, lambda: self.add_client(last_event_id, identity=identity))
         self._require_running()
         settings = self.settings
+        if last_event_id is None:
+            last_event_id = middleware.current_last_event_id()
         if self._closing:
             self._counters.refused["shutdown"] += 1
             raise LimitExceededError(
@@ -277,6 +290,7 @@ class SSEService:
         self._join(client, ALL_CHANNEL)
         self._join(client, _client_channel(client.id))
         self._counters.connects += 1
+        middleware.opened(client, self._release_unstarted)
         return client, SSEResponse(client, self)
 
     def remove_client(self, client_id: str) -> bool:
@@ -296,15 +310,17 @@ class SSEService:
     async def enforce_identity_limit(self, client: SSEClient) -> None:
         """Apply ``max_connections_per_identity`` across every worker sharing the backend.
 
-        Call it right after :meth:`add_client`, before returning the response (the
-        router does). With ``refuse`` it removes the client and raises
-        :class:`LimitExceededError` (429) when the identity is at its limit; with
-        ``remove_oldest`` it closes the identity's oldest streams, on whichever worker
-        they are. In-process backends need nothing more than ``add_client`` did.
-        While the backend is unreachable the connection is allowed (and logged).
+        The response does it before it starts; call it yourself only to know the
+        answer earlier in the handler (it counts once per client). With ``refuse`` it
+        removes the client and raises :class:`LimitExceededError` (429) when the
+        identity is at its limit; with ``remove_oldest`` it closes the identity's
+        oldest streams, on whichever worker they are. In-process backends need nothing
+        more than ``add_client`` did. While the backend is unreachable the connection
+        is allowed (and logged).
         """
-        if client.identity is None or not self.backend.remote or client.closed:
+        if client.identity is None or not self.backend.remote or client.closed or client.id in self._claimed:
             return
+        self._claimed.add(client.id)
         settings = self.settings
         refuse = settings.identity_limit_policy == "refuse"
         try:
@@ -314,6 +330,10 @@ class SSEService:
         except Exception as exc:
             self._counters.backend_errors += 1
             logger.warning("could not check the connection limit of an identity (%s); allowing the stream", exc)
+            return
+        if client.closed:
+            # Closed while the claim was on its way: give back what it may have taken.
+            await self._release(client)
             return
         if evicted is None:
             self._counters.refused["max_connections_per_identity"] += 1
@@ -548,7 +568,8 @@ class SSEService:
                 mine.pop(client.id, None)
                 if not mine:
                     del self._identities[client.identity]
-        if client.identity is not None and self.backend.remote:
+        if client.id in self._claimed:
+            self._claimed.discard(client.id)
             self._spawn(self._release(client))
         self._counters.disconnects[reason] += 1
         client.mark_closed(reason, discard=discard)
@@ -749,6 +770,16 @@ class SSEService:
         elif last < replay.head:
             chunks.append(wire.cursor_frame(str(replay.head)))
         return chunks
+
+    def _release_unstarted(self, client: SSEClient) -> None:
+        """The request that made this client ended without running its stream."""
+        self._detach(client, DisconnectReason.NEVER_STARTED)
+
+    def remove_unstarted(self, client: SSEClient) -> None:
+        """Release a client whose response will never run (the handler gives up on it)
+        now; the request's end would otherwise do it."""
+        if not client.attached:
+            self._detach(client, DisconnectReason.NEVER_STARTED)
 
     def _detach(self, client: SSEClient, reason: str) -> None:
         """A stream ended (for whatever reason): make sure the client is gone."""
