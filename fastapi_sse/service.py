@@ -102,6 +102,7 @@ class SSEService:
         self._previous_handlers: dict[int, Any] = {}
         # Clients whose identity holds a slot in the shared backend (claimed once).
         self._claimed: set[str] = set()
+        self._announced = False
         self._retry_frame = wire.retry_frame(self.settings.retry_interval)
         self._writer = Writer(self._sent)
 
@@ -520,7 +521,20 @@ class SSEService:
 
     async def _announce(self) -> None:
         ttl = self.settings.presence_interval * 3
-        await self.backend.announce(self.worker_id, self.stats().model_dump_json().encode(), ttl)
+        known = await self.backend.announce(self.worker_id, self.stats().model_dump_json().encode(), ttl)
+        if known is False and self._announced:
+            # The store lost this worker's registration, and with it the identity slots
+            # of its streams: put them back, or the limits would forget open streams.
+            logger.warning("the shared backend lost this worker's registration; restoring its identity slots")
+            groups: dict[str, list[str]] = {}
+            for client_id in self._claimed:
+                client = self._clients.get(client_id)
+                if client is not None and client.identity is not None:
+                    groups.setdefault("identity:" + client.identity, []).append(client_id)
+            for members in groups.values():
+                members.sort(key=lambda cid: self._clients[cid].created_at)
+            await self.backend.reclaim(groups)
+        self._announced = True
 
     async def _presence(self) -> None:
         """Keep this worker's registration (and stats) fresh in the shared backend."""

@@ -16,6 +16,7 @@ from typing import Annotated, Any
 
 import httpx
 import pytest
+import redis
 from conftest import ROOT, RedisServer
 from fastapi import Depends, FastAPI, Header, HTTPException, Request, Security
 from fastapi.security import SecurityScopes
@@ -127,6 +128,19 @@ def test_remove_oldest_across_two_workers_in_an_own_route(redis_server: RedisSer
         stack.enter_context(open_stream(f"{two.url}/events", params={"user": "ann"}))
         # The older stream, on the other worker, is closed to make room.
         assert first.rest() == []
+
+
+def test_identity_slots_come_back_after_redis_loses_its_data(redis_server: RedisServer, http: httpx.Client) -> None:
+    settings = redis_settings(redis_server, max_connections_per_identity=1, identity_limit_policy="refuse")
+    group = f"{settings.redis_key_prefix}g:identity:ann"
+    store = redis.Redis.from_url(redis_server.url)
+    with served(own_app(settings)) as (server, _), open_stream(f"{server.url}/events", params={"user": "ann"}):
+        assert store.zcard(group) == 1
+        store.flushall()
+        # The worker's next registration finds itself gone and restores the slot.
+        wait_until(lambda: store.zcard(group) == 1, message="the identity slot restored")
+        assert http.get(f"{server.url}/events", params={"user": "ann"}).status_code == 429
+    store.close()
 
 
 def test_both_setups_share_one_service() -> None:

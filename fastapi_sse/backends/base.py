@@ -110,9 +110,10 @@ class Backend(ABC):
     """Set by the service: a remote backend calls it with the channels whose missed
     events it could not deliver (history no longer held them after a reconnection)."""
 
-    async def announce(self, worker_id: str, info: bytes, ttl: float) -> None:
-        """Register a worker and its opaque ``info`` for ``ttl`` seconds."""
-        return None
+    async def announce(self, worker_id: str, info: bytes, ttl: float) -> bool:
+        """Register a worker and its opaque ``info`` for ``ttl`` seconds; True when it
+        was still registered (a refresh), False when the store no longer had it."""
+        return True
 
     async def withdraw(self, worker_id: str) -> None:
         """Remove a worker's registration."""
@@ -129,4 +130,9 @@ class Backend(ABC):
 
     async def release(self, group: str, member: str) -> None:
         """Remove ``member`` from a group made by :meth:`claim`."""
+        return None
+
+    async def reclaim(self, groups: dict[str, list[str]]) -> None:
+        """Put members back in their groups, oldest first, where the store lost them
+        (it restarted empty, or was flushed), without evicting anyone."""
         return None

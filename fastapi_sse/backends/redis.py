@@ -586,15 +586,17 @@ class RedisBackend(Backend):
 
     # -- presence and shared limits ---------------------------------------------------------
 
-    async def announce(self, worker_id: str, info: bytes, ttl: float) -> None:
-        """Register a worker and its opaque ``info`` for ``ttl`` seconds."""
+    async def announce(self, worker_id: str, info: bytes, ttl: float) -> bool:
+        """Register a worker and its opaque ``info`` for ``ttl`` seconds; False when its
+        registration was gone (first call, expired, or Redis lost its data)."""
         try:
             async with self._client().pipeline(transaction=False) as pipe:
-                pipe.set(self.prefix + "wk:" + worker_id, info, px=max(1, round(ttl * 1000)))
+                pipe.set(self.prefix + "wk:" + worker_id, info, px=max(1, round(ttl * 1000)), get=True)
                 pipe.sadd(self._k_workers, worker_id)
-                await pipe.execute()
+                previous, _ = await pipe.execute()
         except (RedisError, OSError) as exc:
             raise BackendError(f"could not register worker on Redis at {_redact(self.url)}: {exc}") from exc
+        return previous is not None
 
     async def withdraw(self, worker_id: str) -> None:
         """Remove a worker's registration (at shutdown)."""
@@ -640,6 +642,23 @@ class RedisBackend(Backend):
             await self._client().zrem(self.prefix + "g:" + group, member)
         except (RedisError, OSError) as exc:
             raise BackendError(f"could not update a shared limit on Redis at {_redact(self.url)}: {exc}") from exc
+
+    async def reclaim(self, groups: dict[str, list[str]]) -> None:
+        """Put members back in their groups where Redis lost them (``ZADD NX``: members
+        still there keep their place), oldest first."""
+        if not groups:
+            return
+        try:
+            # Redis's clock, as the claim script uses: restored members stay older than newcomers.
+            seconds, micros = await self._client().time()
+            now = seconds * 1000 + micros // 1000
+            async with self._client().pipeline(transaction=False) as pipe:
+                for group, members in groups.items():
+                    start = now - len(members)
+                    pipe.zadd(self.prefix + "g:" + group, {m: start + i for i, m in enumerate(members)}, nx=True)
+                await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise BackendError(f"could not restore shared limits on Redis at {_redact(self.url)}: {exc}") from exc
 
     # -- the subscription connection --------------------------------------------------------
 
