@@ -5,8 +5,9 @@ Every function here is pure; the service calls them once per event, never per cl
 
 from __future__ import annotations
 
+import json
 import re
-from typing import Any
+from typing import Any, NoReturn
 
 import pydantic_core
 
@@ -119,9 +120,33 @@ def encode_data(data: Any) -> str:
     if isinstance(data, Text):
         return str(data)
     try:
-        return pydantic_core.to_json(data).decode()
+        text = pydantic_core.to_json(data, inf_nan_mode="constants")
     except pydantic_core.PydanticSerializationError as exc:
         raise InvalidEventError(f"event data of type {type(data).__name__} cannot be encoded as JSON: {exc}") from None
+    # NaN and the infinities come out as bare NaN/Infinity tokens, which are not JSON:
+    # a browser's JSON.parse throws on them. Only text holding those words is parsed.
+    if (b"NaN" in text or b"Infinity" in text) and _has_non_json_number(text):
+        raise InvalidEventError(
+            f"event data of type {type(data).__name__} holds NaN, Infinity or -Infinity, which JSON has no "
+            "form for (a browser's JSON.parse throws on them); send null or a string instead"
+        )
+    return text.decode()
+
+
+def _has_non_json_number(text: bytes) -> bool:
+    try:
+        json.loads(text, parse_constant=_refuse_constant)
+    except _NonJSONNumber:
+        return True
+    return False
+
+
+class _NonJSONNumber(Exception):
+    pass
+
+
+def _refuse_constant(token: str) -> NoReturn:
+    raise _NonJSONNumber(token)
 
 
 def frame_payload(event: bytes, text: str) -> bytes:

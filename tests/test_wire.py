@@ -19,6 +19,7 @@ from fastapi_sse.wire import (
     check_event_id,
     check_event_name,
     check_last_event_id,
+    encode_data,
     frame,
     frame_payload,
     retry_frame,
@@ -375,3 +376,48 @@ def test_event_names_refuse_control_characters(name: str) -> None:
     with pytest.raises(InvalidEventError, match=re.escape("control characters (U+0000-U+001F, U+007F)")):
         check_event_name(name)
     assert check_event_name("évt name") == "évt name".encode()
+
+
+NAN = float("nan")
+INF = float("inf")
+
+
+@dataclasses.dataclass
+class Reading:
+    value: float
+
+
+@pytest.mark.parametrize(
+    "data", [NAN, INF, -INF, [1, NAN], {"a": {"b": [INF]}}, {"deep": [{"x": -INF}]}, Reading(NAN), (1, {"t": NAN})]
+)
+def test_data_that_is_not_json_is_refused(data: Any) -> None:
+    with pytest.raises(InvalidEventError, match="holds NaN, Infinity or -Infinity"):
+        encode_data(data)
+
+
+def test_the_words_nan_and_infinity_inside_json_are_fine() -> None:
+    assert encode_data({"NaN": "Infinity", "s": "-Infinity NaN"}) == '{"NaN":"Infinity","s":"-Infinity NaN"}'
+    assert encode_data([1.5, -2e300, 0.0]) == "[1.5,-2e+300,0.0]"
+    assert encode_data(Text("NaN")) == "NaN"
+
+
+def test_nan_is_refused_by_every_publishing_call_and_nothing_is_sent(server: Any) -> None:
+    srv, sse = server
+    with open_stream(srv.url + "/subscribe", params={"channel": "nan"}) as stream:
+        client_id = srv.call(lambda: sse.get_clients_by_channel("nan")[0].id)
+        published = sse.stats().events_published
+        attempts: list[Any] = [
+            lambda: sse.broadcast("nan", "e", {"v": NAN}),
+            lambda: sse.broadcast_all("e", [INF]),
+            lambda: sse.send_to(client_id, "e", -INF),
+            lambda: srv.call(sse.publish, "nan", "e", {"nested": [{"v": NAN}]}),
+            lambda: srv.call(sse.publish_all, "e", NAN),
+            lambda: srv.call(sse.publish_to, client_id, "e", Reading(INF)),
+        ]
+        for attempt in attempts:
+            with pytest.raises(InvalidEventError, match="NaN, Infinity or -Infinity"):
+                attempt()
+        assert sse.stats().events_published == published
+        srv.call(sse.broadcast, "nan", "sentinel", {"v": None})
+        got = stream.next_event()
+    assert (got.event, got.json()) == ("sentinel", {"v": None})
