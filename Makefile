@@ -32,6 +32,7 @@ system-deps:
 js-deps: tests/js/node_modules/.package-lock.json
 
 tests/js/node_modules/.package-lock.json: tests/js/package.json tests/js/package-lock.json
+	@command -v npm >/dev/null || { echo "install Node.js 20 or newer with npm: the EventSource tests run on it"; exit 1; }
 	npm ci --prefix tests/js --no-audit --no-fund
 
 run: $(VENV)/.installed-run

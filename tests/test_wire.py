@@ -363,7 +363,7 @@ def test_digit_ids_are_the_services_own() -> None:
 
 def test_every_single_character_id_is_accepted_by_publish_only_if_subscribe_accepts_it() -> None:
     for code in [*range(0x300), 0x2028, 0x3000, 0xFEFF, 0x1F389]:
-        value = f"{chr(code)}"
+        value = chr(code)
         try:
             check_event_id(value, 128)
         except InvalidEventError:
