@@ -42,6 +42,9 @@ ALL_CHANNEL = "$all"
 """Internal channel every client listens to; :meth:`SSEService.broadcast_all` uses it."""
 CLIENT_CHANNEL_PREFIX = "$client:"
 """Internal per-client channel; :meth:`SSEService.send_to` uses it."""
+IDENTITY_CHANNEL_PREFIX = "$identity:"
+"""Pseudo channel of an identity: the id of an event sent to one of its clients
+resolves through it when a client of that identity resumes (nothing is published on it)."""
 
 GAP_EVENT = "gap"
 """Name of the event a resuming client gets when history no longer covers its cursor."""
@@ -55,6 +58,13 @@ _T = TypeVar("_T")
 _CLOSE = b""
 
 _REMOTE_CLIENT_ID = re.compile(r"[0-9a-f]{12}\.[0-9a-f]{32}")
+
+
+def _readable(client: SSEClient) -> tuple[str, ...]:
+    """A client's channels and its identity's pseudo channel (ids resolve through them)."""
+    if client.identity is None:
+        return tuple(client.channels)
+    return (*client.channels, IDENTITY_CHANNEL_PREFIX + client.identity)
 
 
 def _client_channel(client_id: str) -> str:
@@ -424,7 +434,7 @@ class SSEService:
         payload = self._encode(event, data, id)
         if not self._reachable(client_id):
             return False
-        self._publish_nowait(_client_channel(client_id), payload, id, store=False)
+        self._publish_nowait(_client_channel(client_id), payload, id, store=False, index=self._readers(client_id, id))
         return True
 
     async def publish(self, channel: str, event: str, data: Any, id: str | None = None) -> str:
@@ -442,7 +452,18 @@ class SSEService:
         payload = self._encode(event, data, id)
         if not self._reachable(client_id):
             return None
-        return await self._publish(_client_channel(client_id), payload, id, store=False)
+        return await self._publish(
+            _client_channel(client_id), payload, id, store=False, index=self._readers(client_id, id)
+        )
+
+    def _readers(self, client_id: str, event_id: str | None) -> tuple[str, ...]:
+        """Where the id of an event for one client resolves once that client resumes as
+        a new client: the channels it reads now, and its identity's pseudo channel. A
+        client of another worker is unknown here: its resume from such an id is a gap."""
+        client = self._clients.get(client_id)
+        if event_id is None or client is None:
+            return ()
+        return _readable(client)
 
     def _reachable(self, client_id: str) -> bool:
         """Whether a client id is this worker's client or, with a shared backend,
@@ -668,13 +689,17 @@ class SSEService:
             return None
         return loop
 
-    def _publish_nowait(self, channel: str, payload: bytes, event_id: str | None, *, store: bool) -> None:
+    def _publish_nowait(
+        self, channel: str, payload: bytes, event_id: str | None, *, store: bool, index: Collection[str] = ()
+    ) -> None:
         self._require_running()
-        self._publisher.publish_nowait(channel, payload, event_id, store=store)
+        self._publisher.publish_nowait(channel, payload, event_id, store=store, index=index)
 
-    async def _publish(self, channel: str, payload: bytes, event_id: str | None, *, store: bool) -> str:
+    async def _publish(
+        self, channel: str, payload: bytes, event_id: str | None, *, store: bool, index: Collection[str] = ()
+    ) -> str:
         self._require_running()
-        return await self._publisher.publish(channel, payload, event_id, store=store)
+        return await self._publisher.publish(channel, payload, event_id, store=store, index=index)
 
     def _require_running(self) -> asyncio.AbstractEventLoop:
         if not self._running or self._loop is None:
@@ -750,7 +775,8 @@ class SSEService:
             return chunks
         self._counters.resumes += 1
         channels = [*client.channels, ALL_CHANNEL]
-        after = await self.backend.resolve(client.last_event_id)
+        # Only among what this client may read: resume is no oracle for other channels.
+        after = await self.backend.resolve(client.last_event_id, [ALL_CHANNEL, *_readable(client)])
         replay = await self.backend.replay(channels, after)
         replayed = frozenset(channels) - replay.gaps
         client._floor = replay.head

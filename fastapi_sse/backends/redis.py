@@ -116,7 +116,11 @@ return redis.call('GET', KEYS[1])
 # stored and announced once.
 # KEYS: seq, history, last, live, trim, floor, ids, id times, dead, worker backlog, token
 # ARGV: channel, event id or '', payload, store, history size, ttl ms, pubsub channel, id index size,
-#       '1' to keep the message in the worker backlog (events for one client), token ttl ms
+#       '1' to keep the message in the worker backlog (events for one client), token ttl ms,
+#       then the channels the id is indexed under
+# The id index is a hash of fields "<channel>\n<id>" (ids hold no LF) whose value is
+# the seq, or 'r' once the id was published twice on that channel; the id times
+# sorted set scores each field by its last use, to expire it and cap the index.
 _PUBLISH = (
     _SWEEP
     + _START
@@ -156,11 +160,14 @@ if ARGV[4] == '1' and size > 0 then
   redis.call('ZADD', KEYS[4], now, channel)
   redis.call('HSET', KEYS[3], channel, sseq)
 end
--- Ids of events kept out of history (send_to) are indexed too: a client that
--- resumes from one is at a known position in the sequence.
+-- Ids of events kept out of history (send_to) are indexed too, under the channels
+-- their recipient reads: a client that resumes from one is at a known position.
 if id ~= '' then
-  redis.call('HSET', KEYS[7], id, sseq)
-  redis.call('ZADD', KEYS[8], now, id)
+  for i = 11, #ARGV do
+    local field = ARGV[i] .. '\\n' .. id
+    if redis.call('HSETNX', KEYS[7], field, sseq) == 0 then redis.call('HSET', KEYS[7], field, 'r') end
+    redis.call('ZADD', KEYS[8], now, field)
+  end
   local extra = redis.call('ZCARD', KEYS[8]) - tonumber(ARGV[8])
   if extra > 0 then
     local gone = redis.call('ZPOPMIN', KEYS[8], extra)
@@ -517,7 +524,9 @@ class RedisBackend(Backend):
             raise BackendError("the redis backend is not started")
         return self._redis
 
-    async def publish(self, channel: str, payload: bytes, event_id: str | None, *, store: bool) -> Message:
+    async def publish(
+        self, channel: str, payload: bytes, event_id: str | None, *, store: bool, index: Collection[str] = ()
+    ) -> Message:
         self._client()
         keys = [
             self._k_seq,
@@ -544,6 +553,9 @@ class RedisBackend(Backend):
             "1" if self._backlog(channel) else "0",
             self._token_ttl_ms,
         ]
+        if event_id is not None:
+            # The channels the id resolves through (see Backend.publish), each once.
+            args += dict.fromkeys([channel, *index] if store else index)
         try:
             seq = int(await self._publish_script(keys, args))
         except (RedisError, OSError) as exc:
@@ -558,13 +570,16 @@ class RedisBackend(Backend):
         except (RedisError, OSError) as exc:
             raise BackendError(f"could not read from Redis at {_redact(self.url)}: {exc}") from exc
 
-    async def resolve(self, event_id: str) -> int | None:
+    async def resolve(self, event_id: str, channels: Collection[str]) -> int | None:
+        fields = [c + "\n" + event_id for c in dict.fromkeys(channels)]
         try:
-            seq = await self._client().hget(self._k_ids, event_id)
+            values: list[bytes | None] = await self._client().hmget(self._k_ids, fields) if fields else []  # type: ignore[assignment]
         except (RedisError, OSError) as exc:
             raise BackendError(f"could not read from Redis at {_redact(self.url)}: {exc}") from exc
-        if seq is not None:
-            return int(seq)
+        found = {v for v in values if v is not None}
+        if found:
+            # One message among the client's channels, else unknown (see Backend.resolve).
+            return int(found.pop()) if len(found) == 1 and b"r" not in found else None
         if event_id.isascii() and event_id.isdigit():
             value = int(event_id)
             return value if value <= await self.head() else None
