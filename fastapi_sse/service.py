@@ -7,6 +7,7 @@ import contextlib
 import importlib
 import logging
 import math
+import random
 import re
 import signal
 import threading
@@ -31,7 +32,7 @@ from fastapi_sse.errors import (
     ServiceNotRunningError,
 )
 from fastapi_sse.publishing import Publisher
-from fastapi_sse.response import SSEResponse
+from fastapi_sse.response import RefusedStream, SSEResponse
 from fastapi_sse.settings import SSESettings, load_settings
 from fastapi_sse.stats import ConnectionStats, Counters
 from fastapi_sse.writer import Writer
@@ -50,6 +51,9 @@ GAP_EVENT = "gap"
 """Name of the event a resuming client gets when history no longer covers its cursor."""
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+_DRAIN_STEP = 0.05
+"""Seconds between two waves of a drain, at the least."""
 
 _T = TypeVar("_T")
 
@@ -113,7 +117,6 @@ class SSEService:
         # Clients whose identity holds a slot in the shared backend (claimed once).
         self._claimed: set[str] = set()
         self._announced = False
-        self._retry_frame = wire.retry_frame(self.settings.retry_interval)
         self._writer = Writer(self._sent)
 
     # -- lifecycle -----------------------------------------------------------------
@@ -199,10 +202,33 @@ class SSEService:
         for client in list(self._clients.values()):
             self._close(client, DisconnectReason.SHUTDOWN, discard=False)
 
+    def drain(self) -> None:
+        """Like :meth:`shutdown`, but end the streams in waves over ``drain_window``
+        seconds, so that their reconnects reach the other workers at an even rate.
+        New connections are refused (told to come back later) from now on."""
+        if (loop := self._other_threads_loop()) is not None:
+            return _run_in(loop, self.drain)
+        window = self.settings.drain_window
+        if window <= 0 or not self._clients:
+            return self.shutdown()
+        self._closing = True
+        self._spawn(self._drain(list(self._clients.values()), window))
+
+    async def _drain(self, clients: list[SSEClient], window: float) -> None:
+        waves = max(1, min(len(clients), round(window / _DRAIN_STEP)))
+        size = math.ceil(len(clients) / waves)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        for wave in range(waves):
+            # Paced from the start, so that a slow wave does not stretch the window.
+            await asyncio.sleep(max(0.0, start + wave * window / waves - loop.time()))
+            for client in clients[wave * size : (wave + 1) * size]:
+                self._close(client, DisconnectReason.SHUTDOWN, discard=False)
+
     def install_signal_handlers(self) -> None:
-        """Close all streams as soon as SIGINT or SIGTERM arrives, then let the server's
-        own handler run. Without this, uvicorn waits for open streams before it runs
-        the app's shutdown. Does nothing outside the main thread."""
+        """Start the drain (:meth:`drain`) as soon as SIGINT or SIGTERM arrives, then let
+        the server's own handler run. Without this, uvicorn waits for open streams
+        before it runs the app's shutdown. Does nothing outside the main thread."""
         if threading.current_thread() is not threading.main_thread() or self._previous_handlers:
             return
         loop = self._loop
@@ -211,7 +237,7 @@ class SSEService:
 
             def handler(signum: int, frame: FrameType | None, previous: Any = previous) -> None:
                 if loop is not None and not loop.is_closed():
-                    loop.call_soon_threadsafe(self.shutdown)
+                    loop.call_soon_threadsafe(self.drain)
                 if callable(previous):
                     previous(signum, frame)
                 elif previous == signal.default_int_handler:  # pragma: no cover
@@ -253,9 +279,10 @@ class SSEService:
         if last_event_id is None:
             last_event_id = middleware.current_last_event_id()
         if self._closing:
-            self._counters.refused["shutdown"] += 1
-            raise LimitExceededError(
-                "shutdown", "the server is shutting down", 503, retry_after=math.ceil(settings.retry_interval)
+            return self._refuse(
+                LimitExceededError(
+                    "shutdown", "the server is shutting down", 503, retry_after=math.ceil(settings.retry_interval)
+                )
             )
         if last_event_id is not None:
             try:
@@ -264,25 +291,20 @@ class SSEService:
                 raise BadRequestError(str(exc)) from None
             last_event_id = last_event_id or None
         if len(self._clients) >= settings.max_connections:
-            self._counters.refused["max_connections"] += 1
-            raise LimitExceededError(
-                "max_connections",
-                f"too many open streams (max_connections={settings.max_connections})",
-                503,
-                retry_after=math.ceil(settings.retry_interval),
+            return self._refuse(
+                LimitExceededError(
+                    "max_connections",
+                    f"too many open streams (max_connections={settings.max_connections})",
+                    503,
+                    retry_after=math.ceil(settings.retry_interval),
+                )
             )
         # With a shared backend the limit holds across workers: enforce_identity_limit.
         if identity is not None and not self.backend.remote:
             existing = self._identities.get(identity)
             if existing is not None and len(existing) >= settings.max_connections_per_identity:
                 if settings.identity_limit_policy == "refuse":
-                    self._counters.refused["max_connections_per_identity"] += 1
-                    raise LimitExceededError(
-                        "max_connections_per_identity",
-                        f"too many open streams for this user "
-                        f"(max_connections_per_identity={settings.max_connections_per_identity})",
-                        429,
-                    )
+                    return self._refuse(self.identity_refusal())
                 while len(existing) >= settings.max_connections_per_identity:
                     oldest = next(iter(existing.values()))
                     self._close(oldest, DisconnectReason.REPLACED, discard=False)
@@ -303,6 +325,40 @@ class SSEService:
         self._counters.connects += 1
         middleware.opened(client, self._release_unstarted)
         return client, SSEResponse(client, self)
+
+    def identity_refusal(self) -> LimitExceededError:
+        """The error for a stream past ``max_connections_per_identity`` (``refuse``)."""
+        limit = self.settings.max_connections_per_identity
+        return LimitExceededError(
+            "max_connections_per_identity",
+            f"too many open streams for this user (max_connections_per_identity={limit})",
+            429,
+        )
+
+    def _refuse(self, error: LimitExceededError) -> tuple[SSEClient, SSEResponse]:
+        """Refuse a new stream for load, a limit or shutdown: by default with a stream that
+        says when to come back (``retry:``) and ends, so that a browser's EventSource
+        reconnects later; with ``hard_refusals``, with the HTTP error, which makes it stop."""
+        self._counters.refused[error.limit] += 1
+        if self.settings.hard_refusals:
+            raise error
+        client = SSEClient(
+            f"{self.worker_id}.{uuid.uuid4().hex}",
+            created_at=datetime.now(UTC),
+            last_event_id=None,
+            identity=None,
+            buffer_limit=self.settings.max_buffer_bytes,
+            policy=self.settings.overflow_policy,
+        )
+        client.mark_closed(DisconnectReason.REFUSED, discard=True)
+        return client, RefusedStream(client, self, error)
+
+    def retry_hint(self) -> bytes:
+        """A ``retry:`` frame with this stream's own delay: ``retry_interval`` spread by
+        ``retry_jitter``, so that streams ended together do not come back together."""
+        jitter = self.settings.retry_jitter
+        base = self.settings.retry_interval
+        return wire.retry_frame(base * (1 + jitter * (2 * random.random() - 1)) if jitter else base)
 
     def remove_client(self, client_id: str) -> bool:
         """Disconnect a client: its stream sends what is buffered, then ends."""
@@ -349,12 +405,7 @@ class SSEService:
         if evicted is None:
             self._counters.refused["max_connections_per_identity"] += 1
             self._close(client, DisconnectReason.REMOVED, discard=True)
-            raise LimitExceededError(
-                "max_connections_per_identity",
-                f"too many open streams for this user "
-                f"(max_connections_per_identity={settings.max_connections_per_identity})",
-                429,
-            )
+            raise self.identity_refusal()
         for victim in evicted:
             local = self._clients.get(victim)
             if local is not None:
@@ -761,14 +812,14 @@ class SSEService:
             self._counters.backend_errors += 1
             logger.warning("cannot open stream %s: the backend does not answer (%s)", client.id, exc or "timed out")
             self._close(client, DisconnectReason.BACKEND_UNAVAILABLE, discard=True)
-            return [self._retry_frame]
+            return [self.retry_hint()]
 
     async def _opening_chunks(self, client: SSEClient) -> list[bytes]:
         """The first bytes of a stream: the retry hint, then either the cursor or the
         replay of what the client missed, merged in order with anything already
         queued for it."""
         await self._wait_interest()
-        chunks = [self._retry_frame]
+        chunks = [self.retry_hint()]
         if client.last_event_id is None:
             head = await self.backend.head()
             chunks.append(wire.cursor_frame(str(head)))

@@ -163,6 +163,32 @@ class SSESettings(BaseSettings):
         gt=0,
         description=("Seconds a client made by `add_client` may wait for its response to start before it is removed."),
     )
+    retry_jitter: float = Field(
+        default=0.2,
+        ge=0,
+        lt=1,
+        description=(
+            "Spread of each stream's `retry:` delay: retry_interval times a random factor between "
+            "1 - jitter and 1 + jitter, so that streams ended together do not reconnect together."
+        ),
+    )
+    hard_refusals: bool = Field(
+        default=False,
+        description=(
+            "Answer a stream refused for load, a limit or shutdown with HTTP 503 or 429, which makes "
+            "a browser's EventSource stop for good. By default it gets a 200 stream that sets `retry:` "
+            "and ends, so the browser comes back later."
+        ),
+    )
+    drain_window: float = Field(
+        default=5.0,
+        ge=0,
+        description=(
+            "Seconds over which SIGTERM or SIGINT ends the open streams, in waves, so that their "
+            "reconnects spread over the other workers; keep it below uvicorn's "
+            "--timeout-graceful-shutdown. 0 ends them all at once."
+        ),
+    )
     stream_outside_route: bool = Field(
         default=True,
         description=(

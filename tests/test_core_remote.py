@@ -14,7 +14,7 @@ import pytest
 from conftest import Served, serve
 from fastapi import FastAPI
 from helpers.apps import fast_settings
-from helpers.streams import open_stream, wait_until
+from helpers.streams import open_stream, soft_refusal, wait_until
 
 from fastapi_sse import (
     Backend,
@@ -276,8 +276,7 @@ def test_identity_limit_across_workers_refuses(http: httpx.Client) -> None:
         user = {"x-user": "erin"}
         with open_stream(a.url + "/subscribe", params={"channel": "d"}, headers=user):
             response = http.get(b.url + "/subscribe", params={"channel": "d"}, headers=user)
-            assert response.status_code == 429
-            assert "max_connections_per_identity=1" in response.json()["detail"]
+            assert "max_connections_per_identity=1" in soft_refusal(response)
             assert b.call(sse_b.get_clients) == []
             # While the store is unreachable the stream is allowed (and logged).
             bb.down = True
