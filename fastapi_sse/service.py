@@ -32,6 +32,7 @@ from fastapi_sse.errors import (
     ServiceNotRunningError,
 )
 from fastapi_sse.publishing import Publisher
+from fastapi_sse.replays import SharedReplays
 from fastapi_sse.response import RefusedStream, SSEResponse
 from fastapi_sse.settings import SSESettings, load_settings
 from fastapi_sse.stats import ConnectionStats, Counters
@@ -107,6 +108,8 @@ class SSEService:
         self._streams: dict[str, SSEClient] = {}
         self._streams_done = asyncio.Event()
         self._streams_done.set()
+        # A shared backend's history is read once for the streams that resume together.
+        self._replays: Backend | SharedReplays = SharedReplays(self.backend) if self.backend.remote else self.backend
         self._publisher = Publisher(self.backend, self._counters, outbox_size=self.settings.publish_buffer_size)
         self._interest_pending: dict[str, bool] = {}
         self._interest_synced = asyncio.Condition()
@@ -828,7 +831,7 @@ class SSEService:
         channels = [*client.channels, ALL_CHANNEL]
         # Only among what this client may read: resume is no oracle for other channels.
         after = await self.backend.resolve(client.last_event_id, [ALL_CHANNEL, *_readable(client)])
-        replay = await self.backend.replay(channels, after)
+        replay = await self._replays.replay(channels, after)
         replayed = frozenset(channels) - replay.gaps
         client._floor = replay.head
         client._replayed = replayed

@@ -12,7 +12,7 @@ resolves only among the events it may read (see :meth:`Backend.resolve`).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 
@@ -39,6 +39,10 @@ class Replay:
     """The newest sequence number when the replay was read."""
     gaps: frozenset[str] = field(default_factory=frozenset)
     """Channels whose history no longer reaches back to the cursor."""
+    floors: Mapping[str, int] | None = None
+    """For each channel, the sequence number after which its history is complete, when
+    the backend reports it: then one read also answers a later cursor on a channel
+    that is no gap for the read's own cursor."""
 
 
 Deliver = Callable[[Message], None]

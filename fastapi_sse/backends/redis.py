@@ -191,6 +191,8 @@ return seq
 
 # KEYS: seq, last, live, trim, floor, dead, then one history key per channel
 # ARGV: after, ttl ms, then the channels
+# Returns the head, the gaps, the entries after the cursor and each channel's floor
+# (its history is complete after it), so that one read serves later cursors too.
 _REPLAY = (
     _SWEEP
     + """
@@ -199,25 +201,28 @@ local now = now_ms()
 local cutoff = now - ttl
 sweep(KEYS[3], KEYS[2], KEYS[4], KEYS[5], KEYS[6], cutoff, now)
 local floor = tonumber(redis.call('GET', KEYS[5]) or '0')
-local gaps, found = {}, {}
+local gaps, found, floors = {}, {}, {}
 for i = 3, #ARGV do
   local channel, hist = ARGV[i], KEYS[i + 4]
   expire_entries(hist, KEYS[4], channel, cutoff)
   local trim = redis.call('HGET', KEYS[4], channel)
-  if redis.call('EXISTS', hist) == 0 then
-    local mark = floor
+  local held = redis.call('EXISTS', hist) == 1
+  local mark = tonumber(trim or '0')
+  if not held then
+    mark = floor
     if trim then mark = math.max(tonumber(trim), tonumber(redis.call('HGET', KEYS[2], channel) or '0')) end
-    if after < mark then table.insert(gaps, channel) end
-  elseif tonumber(trim or '0') > after then
+  end
+  table.insert(floors, string.format('%d', mark))
+  if mark > after then
     table.insert(gaps, channel)
-  else
+  elseif held then
     for _, m in ipairs(redis.call('ZRANGEBYSCORE', hist, '(' .. ARGV[1], '+inf')) do
       table.insert(found, channel)
       table.insert(found, m)
     end
   end
 end
-return {redis.call('GET', KEYS[1]) or '0', gaps, found}
+return {redis.call('GET', KEYS[1]) or '0', gaps, found, floors}
 """
 )
 
@@ -592,12 +597,13 @@ class RedisBackend(Backend):
         keys = [self._k_seq, self._k_last, self._k_live, self._k_trim, self._k_floor, self._k_dead]
         keys += [self.prefix + "h:" + c for c in names]
         try:
-            head, gaps, found = await self._replay_script(keys, [after, round(self.history_ttl * 1000), *names])
+            head, gaps, found, floors = await self._replay_script(keys, [after, round(self.history_ttl * 1000), *names])
         except (RedisError, OSError) as exc:
             raise BackendError(f"could not read history from Redis at {_redact(self.url)}: {exc}") from exc
         messages = [_parse_member(found[i].decode(), found[i + 1]) for i in range(0, len(found), 2)]
         messages.sort(key=lambda m: m.seq)
-        return Replay(messages, int(head), frozenset(g.decode() for g in gaps))
+        floor_of = dict(zip(names, map(int, floors), strict=True))
+        return Replay(messages, int(head), frozenset(g.decode() for g in gaps), floor_of)
 
     # -- presence and shared limits ---------------------------------------------------------
 
