@@ -1,6 +1,6 @@
 """Server-Sent Events for FastAPI: channels, broadcasting, replay and heartbeats."""
 
-from fastapi_sse.backends import Backend, MemoryBackend, Message, Replay
+from fastapi_sse.backends import Backend, MemoryBackend, Message, Publication, Replay
 from fastapi_sse.client import DisconnectReason, SSEClient
 from fastapi_sse.dependencies import SSEDep, get_sse, get_sse_from_app, sse_lifespan
 from fastapi_sse.errors import (
@@ -35,6 +35,7 @@ __all__ = [
     "LimitExceededError",
     "MemoryBackend",
     "Message",
+    "Publication",
     "Replay",
     "SSEClient",
     "SSEDep",
