@@ -83,6 +83,7 @@ class Publisher:
         self._outbox: deque[Publication] = deque()
         self._sending: list[Publication] = []
         self._outbox_bytes = 0
+        self._sending_bytes = 0
         self._outbox_wake = asyncio.Event()
         self._progress = asyncio.Event()
         self._reachable = True
@@ -338,11 +339,12 @@ class Publisher:
         while outbox and len(batch) < _ROUND_TRIP_EVENTS and size < _ROUND_TRIP_BYTES:
             publication = outbox.popleft()
             batch.append(publication)
-            size += _size(publication)
+            size += len(publication.payload) + len(publication.channel) + _EVENT_OVERHEAD
+        self._sending_bytes = size
         return batch
 
     def _done_sending(self) -> None:
-        self._outbox_bytes -= sum(_size(p) for p in self._sending)
+        self._outbox_bytes -= self._sending_bytes
         self._settled += len(self._sending)
         self._sending = []
         self._progress.set()

@@ -42,11 +42,7 @@ class Replay:
     """Channels whose history no longer reaches back to the cursor."""
 
 
-_publication_keys = itertools.count(1)
-
-
-def _next_publication_key() -> int:
-    return next(_publication_keys)
+_next_publication_key = itertools.count(1).__next__
 
 
 @dataclass(frozen=True, slots=True)
