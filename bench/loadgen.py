@@ -11,6 +11,7 @@ Usage: ``python -m bench.loadgen '<json spec>'``; prints one JSON object of resu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import resource
@@ -372,12 +373,74 @@ async def run_heartbeat(load: Load, spec: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+async def run_publish_burst(load: Load, spec: dict[str, Any]) -> dict[str, Any]:
+    """One worker on Redis, one stream per ``user:<k>`` channel: a burst of fire-and-forget
+    ``broadcast`` calls (the library), then the same work awaited one publish at a time
+    (the old outbox), then the library's own script run from a bare redis-py pipeline
+    with its arguments built in advance (the floor: what Redis does for these events)."""
+    n, events = spec["clients"], spec["events"]
+    tally = load.tally
+    deadline = spec.get("deadline", 120.0)
+    result = await connect_idle(load, spec, [f"/sse?channel=user:{k}" for k in range(n)])
+
+    async def burst(label: str, count: int, start: int, one_at_a_time: bool) -> dict[str, Any]:
+        params = {"label": label, "n": count, "users": n, "size": spec["size"], "start": start}
+        await load.post("/publish_burst", one_at_a_time=int(one_at_a_time), **params)
+        end = time.monotonic() + deadline
+        while not (figures := (await load.http.get("/publish_burst", params={"label": label})).json()):
+            if time.monotonic() > end:
+                raise TimeoutError(f"the {label} burst did not finish in {deadline}s")
+            await asyncio.sleep(0.02)
+        figures_: dict[str, Any] = figures
+        return figures_
+
+    library = await burst("library", events, 0, False)
+    with contextlib.suppress(TimeoutError):  # what did not arrive is reported as lost
+        await load.until(lambda: tally.received >= library["stored"], deadline, "every stored event")
+    counts = [tally.counts.get(i, 0) for i in range(events)]
+    delivered = sum(1 for c in counts if c)
+    baseline = await burst("baseline", spec["baseline_events"], 10_000_000, True)
+    floor_per_s = await floor_rate(spec, events, 20_000_000)
+    publish_per_s = events / library["seconds"]
+    baseline_per_s = spec["baseline_events"] / baseline["seconds"]
+    result.update(
+        {
+            "publish_per_s": publish_per_s,
+            "stored": library["stored"],
+            "delivered": delivered,
+            "duplicates": sum(c - 1 for c in counts if c > 1),
+            "lost": events - delivered,
+            "publish_failures": library["publish_failures"],
+            "baseline_per_s": baseline_per_s,
+            "floor_per_s": floor_per_s,
+            "vs_floor": publish_per_s / floor_per_s,
+            "vs_baseline": publish_per_s / baseline_per_s,
+        }
+    )
+    return result
+
+
+async def floor_rate(spec: dict[str, Any], events: int, start: int) -> float:
+    """Events/s of the floor (``bench/redis_floor.py``), run in its own process while
+    this one keeps reading the streams."""
+    floor = {**spec, "events": events, "start": start}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench.redis_floor", json.dumps(floor), stdout=asyncio.subprocess.PIPE
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), spec.get("deadline", 120.0))
+    if proc.returncode:
+        raise RuntimeError(f"the floor failed with {proc.returncode}")
+    rate: float = json.loads(out)
+    return rate
+
+
 SCENARIOS = {
     "fanout": run_fanout,
     "users": run_users,
     "single": run_single,
     "stalled": run_stalled,
     "heartbeat": run_heartbeat,
+    "publish_burst": run_publish_burst,
     "idle": lambda load, spec: connect_idle(load, spec, ["/sse?channel=bench"] * spec["clients"]),
 }
 
