@@ -28,10 +28,10 @@ logger = logging.getLogger("fastapi_sse")
 _TURN_EVENTS = 256
 """Events an in-process backend delivers per loop turn before the rest waits a turn."""
 
-_ROUND_TRIP_EVENTS = 5000
-_ROUND_TRIP_BYTES = 4 * 2**20
-"""At most this much of the outbox per round trip: building one is CPU time on the
-loop, and a batch that fails is sent again whole."""
+_ROUND_TRIP_EVENTS = 20_000
+_ROUND_TRIP_BYTES = 16 * 2**20
+"""At most this much of the outbox per round trip: a batch that fails is sent again
+whole, and the backend holds it in memory twice while it sends it."""
 
 _EVENT_OVERHEAD = 64
 """Bytes counted for a queued event beyond its payload and channel (its id, its

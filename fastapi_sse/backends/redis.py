@@ -679,12 +679,10 @@ class RedisBackend(Backend):
         if not publications:
             return []
         chunks = _chunks(publications)
-        calls = [self._script_call(chunk) for chunk in chunks]
         forget, self._acknowledged = self._acknowledged, []
-        calls[0][1][5] = len(forget)
-        calls[0][0].extend(forget)
         try:
-            firsts = await asyncio.to_thread(self._send, calls)
+            # Built in the thread too: the event loop goes on with its streams.
+            calls, firsts = await asyncio.to_thread(self._build_and_send, chunks, forget)
         except (RedisError, OSError) as exc:
             # The token keys may not have been deleted: the next call deletes them.
             self._acknowledged = forget + self._acknowledged
@@ -701,10 +699,20 @@ class RedisBackend(Backend):
                 seq += 1
         return messages
 
+    def _build_and_send(
+        self, chunks: list[Sequence[Publication]], forget: list[str]
+    ) -> tuple[list[tuple[list[Any], list[Any]]], list[Any]]:
+        """In a thread: the script calls of a batch (the first also deletes the token
+        keys ``forget``), and their first seqs once run in one round trip."""
+        calls = [self._script_call(chunk) for chunk in chunks]
+        calls[0][1][5] = len(forget)
+        calls[0][0].extend(forget)
+        return calls, self._send(calls)
+
     def _send(self, calls: list[tuple[list[Any], list[Any]]]) -> list[Any]:
-        """Run the script calls in one round trip (in a thread), by hash; load the
-        script once more if Redis lost it (calls that ran before are recognised by
-        their tokens). Returns each call's first seq."""
+        """Run the script calls in one round trip, by hash; load the script once more
+        if Redis lost it (calls that ran before are recognised by their tokens).
+        Returns each call's first seq."""
         sha = self._publish_script.sha
         for attempt in range(2):
             try:
