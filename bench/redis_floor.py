@@ -27,7 +27,7 @@ ROUND_TRIP = 5000
 
 
 def floor_rate(spec: dict[str, Any]) -> float:
-    users, events, start, pad = spec["clients"], spec["events"], spec["start"], "x" * spec["size"]
+    users, events, start, pad = spec["users"], spec["events"], spec["start"], "x" * spec["size"]
     # Not started: it only builds the script's arguments (keys, tokens, packed events).
     builder = RedisBackend(spec["redis_url"], key_prefix=spec["redis_prefix"])
     builder._token_prefix = uuid.uuid4().hex[:12] + ":"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import itertools
 import json
 import os
 import resource
@@ -215,7 +216,7 @@ def run(args: argparse.Namespace, failures: list[str]) -> dict[str, Any]:
 
 
 def run_redis_burst(args: argparse.Namespace, timeout: float, failures: list[str]) -> dict[str, Any]:
-    """ "Redis publish burst": one worker on Redis, one stream per ``user:<k>`` channel
+    """The "Redis publish burst": one worker on Redis, one stream per ``user:<k>`` channel
     (the load client's raw sockets count what each receives), 100,000 fire-and-forget
     ``broadcast`` calls; beside it, in the same run, the same events published one
     awaited call at a time (the old outbox) and the library's script run from a bare
@@ -224,18 +225,20 @@ def run_redis_burst(args: argparse.Namespace, timeout: float, failures: list[str
         print("  redis_burst skipped: fastapi_sse.backends.redis is not available in this checkout", flush=True)
         return {}
     users, events, baseline = (20, 200, 50) if args.smoke else (5000, 100_000, 20_000)
-    label = f"{users}x{events}"
     redis = start_redis()
     out: dict[str, Any] = {"redis_burst": {}}
     try:
-        for repeat in range(args.repeats):
+        for repeat, streams in itertools.product(range(args.repeats), (users, 0)):
+            # With a stream per channel (the scenario), and without any: publishing alone.
+            label = f"{streams}x{events}"
             prefix = f"bench:{repeat}:{time.time_ns()}:"
             env = {"SSE_BACKEND": "redis", "SSE_REDIS_URL": redis.url, "SSE_REDIS_KEY_PREFIX": prefix}
             what = f"redis_burst {label:>9} {'ours':15} run {repeat + 1}"
             with server("ours", {**env_for("ours", {}, args.tune_gc), **env}) as port:
                 spec = {
                     "scenario": "publish_burst",
-                    "clients": users,
+                    "clients": streams,
+                    "users": users,
                     "events": events,
                     "baseline_events": baseline,
                     "size": 64,
