@@ -28,6 +28,10 @@ logger = logging.getLogger("fastapi_sse")
 _TURN_EVENTS = 256
 """Events an in-process backend delivers per loop turn before the rest waits a turn."""
 
+_WRITER_WAIT_TURNS = 8
+"""Turns the rest of a burst waits at most for the writer to write the previous batch
+(a writer kept busy by other streams does not hold a burst back for ever)."""
+
 _ROUND_TRIP_EVENTS = 20_000
 _ROUND_TRIP_BYTES = 16 * 2**20
 """At most this much of the outbox per round trip: a batch that fails is sent again
@@ -145,7 +149,7 @@ class Publisher:
         queue = self._queued
         if not self._backend.remote:
             # Let the writer write the previous batch first (for a few turns at most).
-            if self._writer_busy() and self._waited_turns < 8:
+            if self._writer_busy() and self._waited_turns < _WRITER_WAIT_TURNS:
                 self._waited_turns += 1
                 self._schedule()
                 return
