@@ -1,6 +1,6 @@
 """Server-Sent Events for FastAPI: channels, broadcasting, replay and heartbeats."""
 
-from fastapi_sse.backends import Backend, MemoryBackend, Message, Replay
+from fastapi_sse.backends import Backend, MemoryBackend, Message, Publication, Replay
 from fastapi_sse.client import DisconnectReason, SSEClient
 from fastapi_sse.dependencies import SSEDep, get_sse, get_sse_from_app, sse_lifespan
 from fastapi_sse.errors import (
@@ -40,6 +40,7 @@ __all__ = [
     "MemoryBackend",
     "Message",
     "OnConnect",
+    "Publication",
     "RefusedStream",
     "Replay",
     "SSEClient",

@@ -14,13 +14,13 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable
 from datetime import UTC, datetime
 from types import FrameType
 from typing import Any, TypeVar
 
 from fastapi_sse import middleware, wire
-from fastapi_sse.backends.base import Backend, Message
+from fastapi_sse.backends.base import Backend, Message, Publication
 from fastapi_sse.backends.memory import MemoryBackend
 from fastapi_sse.client import DisconnectReason, Frame, SSEClient
 from fastapi_sse.errors import (
@@ -61,6 +61,9 @@ _T = TypeVar("_T")
 # Sent on a client's channel to make the worker holding it close it (a real event's
 # payload is never empty).
 _CLOSE = b""
+
+EventSpec = tuple[str, str, Any] | tuple[str, str, Any, str | None]
+"""One event of :meth:`SSEService.publish_many`: ``(channel, event, data[, id])``."""
 
 _REMOTE_CLIENT_ID = re.compile(r"[0-9a-f]{12}\.[0-9a-f]{32}")
 
@@ -110,7 +113,15 @@ class SSEService:
         self._streams_done.set()
         # A shared backend's history is read once for the streams that resume together.
         self._replays: Backend | SharedReplays = SharedReplays(self.backend) if self.backend.remote else self.backend
-        self._publisher = Publisher(self.backend, self._counters, outbox_size=self.settings.publish_buffer_size)
+        self._publisher = Publisher(
+            self.backend,
+            self._counters,
+            outbox_bytes=self.settings.publish_buffer_bytes,
+            outbox_events=self.settings.publish_buffer_size,
+            turn_bytes=self.settings.max_buffer_bytes // 4,
+            writer_busy=lambda: self._writer.busy,
+            writer_settled=lambda: self._writer.settled(),
+        )
         self._interest_pending: dict[str, bool] = {}
         self._interest_synced = asyncio.Condition()
         self._interest_generation = 0
@@ -132,6 +143,7 @@ class SSEService:
         self._loop_thread = threading.get_ident()
         self._publisher.start(self._loop)
         self.backend.lost = self._lost
+        self.backend.settle = self._writer.settled
         await self.backend.start(self._deliver)
         self._running = True
         self._closing = False
@@ -496,6 +508,25 @@ class SSEService:
         stored and announced it; raises :class:`BackendError` when it cannot."""
         self.check_channel(channel)
         return await self._publish(channel, self._encode(event, data, id), id, store=True)
+
+    async def publish_many(self, events: Iterable[EventSpec]) -> list[str]:
+        """Publish several events, in order, and return their ids once the backend has
+        stored and announced them all: one round trip to a remote backend.
+
+        Each event is a tuple ``(channel, event, data)`` or ``(channel, event, data, id)``,
+        as the arguments of :meth:`publish`. Every event is validated and encoded first,
+        so a bad one raises (:class:`InvalidChannelError`, :class:`InvalidEventError`)
+        before any is sent. Raises :class:`BackendError` when the backend cannot take
+        them; then the first events of the batch may have been published.
+        """
+        publications = []
+        for spec in events:
+            channel, event, data, *rest = spec
+            event_id = rest[0] if rest else None
+            self.check_channel(channel)
+            publications.append(Publication(channel, self._encode(event, data, event_id), event_id, True))
+        self._require_running()
+        return [message.id for message in await self._publisher.publish_many(publications)]
 
     async def publish_all(self, event: str, data: Any, id: str | None = None) -> str:
         """Like :meth:`broadcast_all`, awaited; returns the event's id."""

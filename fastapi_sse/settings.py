@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator
@@ -197,14 +198,35 @@ class SSESettings(BaseSettings):
             "connection). `false` keeps each stream inside its route until it ends."
         ),
     )
-    publish_buffer_size: int = Field(
-        default=10_000,
-        gt=0,
+    publish_buffer_bytes: int = Field(
+        default=64 * 2**20,
+        ge=64 * 1024,
         description=(
-            "Fire-and-forget publishes held while a remote backend is unreachable; "
-            "beyond it they are counted as failed and logged."
+            "Bytes of fire-and-forget publishes held while a remote backend is unreachable "
+            "(from its first failed send until one succeeds); beyond it they are counted as "
+            "failed and logged. While the backend is reachable nothing is refused."
         ),
     )
+    publish_buffer_size: int | None = Field(
+        default=None,
+        gt=0,
+        description=(
+            "Deprecated: bound the outbox with `publish_buffer_bytes`. When set, it also caps "
+            "the number of fire-and-forget publishes held while a remote backend is unreachable."
+        ),
+    )
+
+    @field_validator("publish_buffer_size")
+    @classmethod
+    def _deprecated_count(cls, value: int | None) -> int | None:
+        if value is not None:
+            warnings.warn(
+                "publish_buffer_size (SSE_PUBLISH_BUFFER_SIZE) is deprecated: the outbox is bounded by "
+                "publish_buffer_bytes (SSE_PUBLISH_BUFFER_BYTES)",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+        return value
 
     @field_validator("channel_pattern")
     @classmethod

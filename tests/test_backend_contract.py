@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from conftest import RedisServer
 
-from fastapi_sse.backends.base import Backend, Message
+from fastapi_sse.backends.base import Backend, Message, Publication
 from fastapi_sse.backends.memory import MemoryBackend
 from fastapi_sse.backends.redis import RedisBackend
 
@@ -315,3 +315,29 @@ async def test_an_id_used_again_after_its_event_left_history_stays_unknown(start
     await backend.publish("a", b"between", None, store=True)
     await backend.publish("a", b"new", "msg-reused", store=True)
     assert await backend.resolve("msg-reused", ["a"]) is None
+
+
+async def test_publish_many_numbers_stores_and_delivers_a_batch_in_order(started: Any) -> None:
+    backend, inbox = await started()
+    await backend.listen(["a", "b", "$client:w1.c"])
+    before = await backend.head()
+    batch = [
+        Publication("a", b"0", None, True),
+        Publication("b", b"1", "msg-1", True),
+        Publication("$client:w1.c", b"2", "msg-2", False, ("a",)),
+        Publication("a", b"3", None, True),
+    ]
+    sent = await backend.publish_many(batch)
+    assert [m.seq for m in sent] == [before + 1, before + 2, before + 3, before + 4]
+    assert [(m.channel, m.id, m.payload) for m in sent] == [
+        ("a", str(before + 1), b"0"),
+        ("b", "msg-1", b"1"),
+        ("$client:w1.c", "msg-2", b"2"),
+        ("a", str(before + 4), b"3"),
+    ]
+    got = await inbox.wait_for(4)
+    assert [(m.seq, m.channel, m.id, m.payload) for m in got] == [(m.seq, m.channel, m.id, m.payload) for m in sent]
+    replay = await backend.replay(["a", "b"], before)
+    assert [m.payload for m in replay.messages] == [b"0", b"1", b"3"]
+    assert await backend.resolve("msg-2", ["a"]) == before + 3
+    assert await backend.publish_many([]) == []

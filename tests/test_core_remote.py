@@ -171,25 +171,34 @@ def test_events_cross_workers_and_resume_on_another_worker() -> None:
         assert got[1].id == "own-4"
 
 
-def test_outbox_holds_publishes_while_the_backend_is_down() -> None:
+def test_outbox_holds_publishes_while_the_backend_is_down(caplog: pytest.LogCaptureFixture) -> None:
+    bound = 64 * 1024
+    pad = "x" * 1000
     with (
-        workers(1, fast_settings(publish_buffer_size=5)) as [(srv, sse, backend)],
+        workers(1, fast_settings(publish_buffer_bytes=bound)) as [(srv, sse, backend)],
         open_stream(srv.url + "/subscribe", params={"channel": "o"}) as stream,
     ):
         backend.down = True
-        for i in range(7):
-            sse.broadcast("o", "e", i)
-        # Beyond publish_buffer_size publishes are counted as failed (and logged).
-        wait_until(
-            lambda: (sse.stats().pending_publishes, sse.stats().publish_failures) == (5, 2),
-            message="five queued publishes and two refused",
+        sse.broadcast("o", "e", [-1, pad])
+        wait_until(lambda: sse._counters.backend_errors >= 1, message="the outbox to find the backend down")
+        # One burst, from a function on the loop: beyond publish_buffer_bytes publishes
+        # are counted as failed, and logged once.
+        srv.call(lambda: [sse.broadcast("o", "e", [i, pad]) for i in range(200)])
+        kept = wait_until(
+            lambda: (s := sse.stats()).pending_publishes + s.publish_failures == 201 and s.pending_publishes,
+            message="the burst to be queued or refused",
         )
+        assert 40 < kept < 70  # about 1,100 bytes each (payload, channel, bookkeeping)
+        wait_until(lambda: any("event(s) lost" in r.getMessage() for r in caplog.records), message="the loss report")
         with pytest.raises(BackendError, match="store unreachable"):
             srv.call(sse.publish, "o", "e", "awaited")
         backend.down = False
-        assert [e.json() for e in stream.events(5)] == [0, 1, 2, 3, 4]
+        assert [e.json()[0] for e in stream.events(kept)] == list(range(-1, kept - 1))
         assert sse.stats().pending_publishes == 0
+        assert sse.stats().publish_failures == 201 - kept + 1  # the awaited one too
         assert sse._counters.backend_errors >= 2
+    lost = [r for r in caplog.records if "event(s) lost" in r.getMessage()]
+    assert len(lost) == 1 and f"{201 - kept} event(s) lost" in lost[0].getMessage()
 
 
 def test_publishes_left_in_the_outbox_at_shutdown_are_counted() -> None:

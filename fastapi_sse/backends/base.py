@@ -11,8 +11,9 @@ resolves only among the events it may read (see :meth:`Backend.resolve`).
 
 from __future__ import annotations
 
+import itertools
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 
@@ -43,6 +44,27 @@ class Replay:
     """For each channel, the sequence number after which its history is complete, when
     the backend reports it: then one read also answers a later cursor on a channel
     that is no gap for the read's own cursor."""
+
+
+_next_publication_key = itertools.count(1).__next__
+
+
+@dataclass(frozen=True, slots=True)
+class Publication:
+    """One event to publish, as the service hands it to :meth:`Backend.publish_many`."""
+
+    channel: str
+    payload: bytes
+    """Opaque bytes, delivered as they are."""
+    event_id: str | None
+    """The publisher's id, or None to use the sequence number."""
+    store: bool
+    """Keep it in the channel's history (False for events to one client)."""
+    index: Collection[str] = ()
+    """More channels the id resolves through, as ``index`` of :meth:`Backend.publish`."""
+    key: int = field(default_factory=_next_publication_key)
+    """Unique in this process, drawn once when the event is queued. A batch sent again
+    after a failure carries the same keys, so a backend can recognise what it stored."""
 
 
 Deliver = Callable[[Message], None]
@@ -94,6 +116,16 @@ class Backend(ABC):
         so that the recipient resumes from it after reconnecting as a new client.
         An id indexed twice under one channel is marked repeated there."""
 
+    async def publish_many(self, publications: Sequence[Publication]) -> list[Message]:
+        """Publish every event, in order, as :meth:`publish` does each; return their
+        messages in the same order. Backends override it to send a batch at once (one
+        round trip); a batch sent again with the same :attr:`Publication.key` values
+        after a failure must not be stored twice. On error, a prefix of the batch may
+        have been published."""
+        return [
+            await self.publish(p.channel, p.payload, p.event_id, store=p.store, index=p.index) for p in publications
+        ]
+
     @abstractmethod
     async def head(self) -> int:
         """The newest sequence number assigned (0 before the first)."""
@@ -130,6 +162,11 @@ class Backend(ABC):
 
     # Shared backends (``remote``) also carry what makes many workers one service.
     # The in-process defaults below do nothing: one process needs none of it.
+
+    settle: Callable[[], Awaitable[None]] | None = None
+    """Set by the service: a backend that delivers many messages in a row (a burst read
+    from its store) awaits it between batches, so that the service writes them to the
+    streams before more arrive and a fast reader is not taken for a slow consumer."""
 
     lost: Callable[[Collection[str]], None] | None = None
     """Set by the service: a remote backend calls it with the channels whose missed

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict, deque
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 
-from fastapi_sse.backends.base import Backend, Deliver, Message, Replay
+from fastapi_sse.backends.base import Backend, Deliver, Message, Publication, Replay
 
 # Index entries kept apart from the history: ids of events for one client, and ids
 # whose events are gone (each for one TTL).
@@ -68,6 +68,12 @@ class MemoryBackend(Backend):
         self, channel: str, payload: bytes, event_id: str | None, *, store: bool, index: Collection[str] = ()
     ) -> Message:
         return self.publish_nowait(channel, payload, event_id, store=store, index=index)
+
+    async def publish_many(self, publications: Sequence[Publication]) -> list[Message]:
+        """Publish the whole batch in order without suspending: nothing else runs
+        between two of its events (each goes through :meth:`publish`)."""
+        publish = self.publish
+        return [await publish(p.channel, p.payload, p.event_id, store=p.store, index=p.index) for p in publications]
 
     def publish_nowait(
         self, channel: str, payload: bytes, event_id: str | None, *, store: bool, index: Collection[str] = ()
