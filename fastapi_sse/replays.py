@@ -86,3 +86,6 @@ def narrow(shared: Replay, channels: frozenset[str], after: int, lowest: int) ->
             return None
     messages = [m for m in shared.messages if m.seq > after and m.channel in channels]
     return Replay(messages, shared.head, gaps)
+
+
+__all__: list[str] = []  # internal: the service uses it
