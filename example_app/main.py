@@ -197,7 +197,7 @@ def create_app(
             with contextlib.suppress(asyncio.CancelledError):
                 await ticker
 
-    app = FastAPI(title="fastapi-sse example", lifespan=lifespan)
+    app = FastAPI(title="fastapi-sse-channels example", lifespan=lifespan)
     app.state.store = Store()
     app.state.admin_token = admin_token or os.environ.get("EXAMPLE_ADMIN_TOKEN", "dev-admin-token")
     app.include_router(
