@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install system-deps run test lint typecheck check bench bench-smoke docs clean
+.PHONY: install system-deps run test test-lowest lint typecheck check bench bench-smoke docs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,24 @@ test: install system-deps
 	$(BIN)/mypy
 	$(BIN)/pytest --cov=fastapi_sse --cov-report=term-missing:skip-covered --cov-fail-under=90
 
+# The lowest versions pyproject.toml allows for every direct dependency, in a venv of their
+# own (uv's lowest-direct resolution), running the core of the suite: service, router, wire,
+# resume, settings, backends and the Redis service. About two minutes.
+LOWEST_VENV ?= build/venv-lowest
+LOWEST_TESTS ?= tests/test_service.py tests/test_router.py tests/test_wire.py tests/test_resume.py \
+	tests/test_stream.py tests/test_limits.py tests/test_lifecycle.py tests/test_shutdown.py \
+	tests/test_middleware.py tests/test_settings.py tests/test_startup_checks.py tests/test_metrics.py \
+	tests/test_backend_contract.py tests/test_redis_service.py
+
+test-lowest: system-deps
+	rm -rf $(LOWEST_VENV)
+	$(PYTHON) -m venv $(LOWEST_VENV)
+	$(LOWEST_VENV)/bin/pip install --quiet uv
+	$(LOWEST_VENV)/bin/uv pip install --quiet --python $(LOWEST_VENV)/bin/python --resolution lowest-direct \
+		".[redis,metrics,testing]" "pytest>=8" "anyio>=4.12"
+	$(LOWEST_VENV)/bin/uv pip list --python $(LOWEST_VENV)/bin/python
+	$(LOWEST_VENV)/bin/python -m pytest -q -p no:cacheprovider $(LOWEST_TESTS)
+
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -56,4 +74,4 @@ bench-smoke: install
 	$(BIN)/python -m bench.run --smoke
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage htmlcov site
+	rm -rf $(VENV) $(LOWEST_VENV) .pytest_cache .mypy_cache .ruff_cache .coverage htmlcov site
