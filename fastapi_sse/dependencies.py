@@ -11,6 +11,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi_sse.errors import ServiceNotRunningError
 from fastapi_sse.service import SSEService
 from fastapi_sse.settings import SSESettings, load_settings
+from fastapi_sse.startup_checks import check_startup
 
 STATE_KEY = "sse"
 
@@ -32,6 +33,7 @@ def sse_lifespan(
     @asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[dict[str, Any]]:
         sse = service if service is not None else SSEService(settings if settings is not None else load_settings())
+        check_startup(sse, from_environment=service is None and settings is None)
         await sse.start()
         sse.install_signal_handlers()
         state = getattr(app, "state", None)
