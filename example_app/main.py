@@ -155,7 +155,7 @@ def publish_stats(app: FastAPI) -> None:
 
 
 async def publish_stats_every(app: FastAPI, interval: float) -> None:
-    """The seed's cron job: refresh every dashboard viewer's stats periodically."""
+    """A cron-like job: refresh every dashboard viewer's stats periodically."""
     while True:
         await asyncio.sleep(interval)
         with contextlib.suppress(ServiceNotRunningError):
