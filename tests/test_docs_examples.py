@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -184,8 +185,10 @@ def test_settings_table_has_every_field_with_its_env_var_and_description() -> No
     assert len(rows) == len(SSESettings.model_fields)
     for name, field in SSESettings.model_fields.items():
         row = rows[f"SSE_{name.upper()}"]
+        cells = [cell.strip() for cell in row.strip("|").split(" | ")]
+        assert cells[1] == f"`{name}`", name
+        assert cells[3].strip("`").replace("_", "") == str(field.get_default()).replace("_", ""), name
         assert (field.description or "").replace("|", "\\|") in row, name
-        assert str(field.get_default()) in row, name
 
 
 def test_the_configuration_page_asks_for_the_generated_table() -> None:
@@ -240,3 +243,45 @@ def test_the_site_builds_without_warnings(tmp_path: Path) -> None:
     assert "send_hello" in message_format
     reference = (tmp_path / "reference" / "index.html").read_text()
     assert [name for name in fastapi_sse.__all__ if f'id="fastapi_sse.{name}"' not in reference] == []
+    documented = re.findall(r'id="fastapi_sse\.([\w.]+)"', reference)
+    # In the order an app meets them, and none of the internals.
+    first = ["create_sse_router", "allow_all", "SSEDep", "get_sse"]
+    assert documented[:4] == first
+    assert documented.index("SSEService.add_client") < documented.index("SSESettings")
+    internal = {"push", "take", "take_frames", "wake", "mark_closed", "enforce_identity_limit"}
+    internal |= {"announce", "withdraw", "peers", "claim", "release", "expire", "publish_nowait"}
+    assert [name for name in documented if name.rpartition(".")[2] in internal] == []
+
+
+@pytest.mark.browser
+def test_the_configuration_table_breaks_no_name_mid_word(tmp_path: Path) -> None:
+    # Imported here: the rest of this file runs without Playwright installed.
+    from playwright.sync_api import sync_playwright
+
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "mkdocs"), "build", "--strict", "--site-dir", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={"NO_MKDOCS_2_WARNING": "1", "PATH": str(Path(sys.executable).parent)},
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    chromium = shutil.which("chromium") or "/usr/bin/chromium"
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        try:
+            for width in (1280, 760):
+                page = browser.new_page(viewport={"width": width, "height": 900})
+                page.goto((tmp_path / "configuration" / "index.html").as_uri())
+                header = page.locator("table").first.locator("th").all_inner_texts()
+                assert header == ["Environment variable", "Keyword", "Type", "Default", "Description"]
+                # An inline element that wraps has one client rectangle per line.
+                broken = page.evaluate(
+                    """[...document.querySelectorAll("td:nth-child(-n+2) code")]
+                        .filter((c) => c.getClientRects().length > 1).map((c) => c.textContent)"""
+                )
+                assert broken == [], width
+                page.close()
+        finally:
+            browser.close()
