@@ -95,6 +95,16 @@ def test_testing_helpers_skip_frames_a_browser_does_not_dispatch() -> None:
         assert [e.event for e in events.events(2)] == ["orderShipped", "orderShipped"]
 
 
+def test_httpx_sse_sees_the_opening_as_the_non_browser_clients_page_says() -> None:
+    with serve(minimal.app) as served, open_stream(f"{served.url}/subscribe?channel=a", opened=False) as s:
+        retry, cursor = s.next_frame(), s.next_frame()
+    assert (retry.event, retry.data, retry.retry) == ("message", "", 3000)
+    assert (cursor.event, cursor.data, cursor.id) == ("message", "", "0")
+    page = (DOCS / "non-browser-clients.md").read_text()
+    assert "`message` event with empty `data`, `retry=3000`" in page
+    assert '`message` event with empty `data`, `id="0"`' in page
+
+
 def test_open_event_stream_reports_a_refused_stream() -> None:
     with (
         live_server(minimal.app) as url,
@@ -214,7 +224,10 @@ def test_every_snippet_section_exists_and_every_section_is_shown() -> None:
 
 
 def test_every_example_module_is_exercised_by_a_test() -> None:
-    tests = (ROOT / "tests" / "test_api_examples.py").read_text() + Path(__file__).read_text()
+    tests = "".join(
+        (ROOT / "tests" / name).read_text() for name in ("test_api_examples.py", "test_examples_standalone.py")
+    )
+    tests += Path(__file__).read_text()
     modules = {p.stem for p in EXAMPLES.glob("*.py")}
     untested = {m for m in modules if not re.search(rf"\b{m}\.(app|settings|\w+)\b", tests)}
     assert untested == set()

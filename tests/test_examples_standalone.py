@@ -239,7 +239,8 @@ def received(stream: Stream, count: int) -> list[Any]:
 
 
 def test_every_example_file_has_a_standalone_run() -> None:
-    assert {p.name for p in EXAMPLES.glob("*.py")} - {"testing_your_app.py"} == set(EXAMPLE_RUNS)
+    clients = {"testing_your_app.py", "python_client.py"}  # not apps: run against one below
+    assert {p.name for p in EXAMPLES.glob("*.py")} - clients == set(EXAMPLE_RUNS)
     assert set(inline_app_blocks()) == set(INLINE_RUNS)
 
 
@@ -275,3 +276,32 @@ def test_the_testing_example_passes_under_pytest_in_an_empty_folder(tmp_path: Pa
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "1 passed" in result.stdout
+
+
+def test_the_python_client_follows_a_stream_in_an_empty_folder(tmp_path: Path, library_only: Path) -> None:
+    server_dir = tmp_path / "server"
+    server_dir.mkdir()
+    shutil.copy(EXAMPLES / "minimal.py", server_dir / "minimal.py")
+    client_dir = tmp_path / "client"
+    client_dir.mkdir()
+    shutil.copy(EXAMPLES / "python_client.py", client_dir / "python_client.py")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SSE_")}
+    with (
+        served_from(server_dir, "minimal:app", library_only, {}) as url,
+        subprocess.Popen(
+            [sys.executable, "python_client.py", f"{url}/subscribe", "order:17"],
+            cwd=client_dir,
+            env={**env, "PYTHONPATH": ""},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        ) as client,
+    ):
+        assert client.stdout is not None and client.stderr is not None
+        try:
+            # Blocking reads: the client's own read timeout (60 s) bounds them.
+            assert client.stderr.readline() == "connected to order:17\n"
+            httpx.post(f"{url}/orders/17/ship", timeout=10).raise_for_status()
+            assert client.stdout.readline() == "orderShipped {'orderId': '17'}\n"
+        finally:
+            client.kill()
