@@ -53,6 +53,9 @@ test-lowest: system-deps
 	$(LOWEST_VENV)/bin/uv pip install --quiet --python $(LOWEST_VENV)/bin/python --resolution lowest-direct \
 		".[redis,metrics,testing]" "pytest>=8" "anyio>=4.12"
 	$(LOWEST_VENV)/bin/uv pip list --python $(LOWEST_VENV)/bin/python
+	# The installed distribution itself, away from the checkout's sources.
+	cd $(LOWEST_VENV) && bin/python -c "import importlib.metadata as m, fastapi_sse; \
+		assert 'site-packages' in fastapi_sse.__file__; print('fastapi-sse-channels', m.version('fastapi-sse-channels'))"
 	$(LOWEST_VENV)/bin/python -m pytest -q -p no:cacheprovider $(LOWEST_TESTS)
 
 lint: install
