@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import ROOT, free_port, wait_for_port
+from conftest import ROOT, RedisServer, free_port, wait_for_port
 from helpers.streams import Stream, open_stream
 
 EXAMPLES = ROOT / "docs" / "examples"
@@ -183,12 +183,24 @@ def library_only(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @contextmanager
-def served_from(folder: Path, target: str, library: Path, env: dict[str, str]) -> Iterator[str]:
+def served_from(folder: Path, target: str, library: Path, env: dict[str, str], *args: str) -> Iterator[str]:
     port = free_port()
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("SSE_")}
     full_env.update({"PYTHONPATH": str(library), **env})
     proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", target, "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            target,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+            *args,
+        ],
         cwd=folder,
         env=full_env,
         stdout=subprocess.PIPE,
@@ -305,3 +317,22 @@ def test_the_python_client_follows_a_stream_in_an_empty_folder(tmp_path: Path, l
             assert client.stdout.readline() == "orderShipped {'orderId': '17'}\n"
         finally:
             client.kill()
+
+
+def test_the_minimal_example_on_redis_with_several_workers(
+    tmp_path: Path, library_only: Path, redis_server: RedisServer
+) -> None:
+    """The configuration page's `SSE_BACKEND=redis ... uvicorn app:app --workers N`:
+    whichever worker takes each connection, every stream gets every event."""
+    shutil.copy(EXAMPLES / "minimal.py", tmp_path / "minimal.py")
+    env = {"SSE_BACKEND": "redis", "SSE_REDIS_URL": redis_server.url, "SSE_REDIS_KEY_PREFIX": f"{tmp_path.name}:"}
+    with (
+        served_from(tmp_path, "minimal:app", library_only, env, "--workers", "2") as url,
+        open_stream(f"{url}/subscribe?channel=order:17") as first,
+        open_stream(f"{url}/subscribe?channel=order:17") as second,
+    ):
+        for _ in range(4):  # new connections each time: the kernel spreads them over the workers
+            with httpx.Client(timeout=10) as publisher:
+                publisher.post(f"{url}/orders/17/ship").raise_for_status()
+        assert [e.event for e in received(first, 4)] == ["orderShipped"] * 4
+        assert [e.event for e in received(second, 4)] == ["orderShipped"] * 4
