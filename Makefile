@@ -39,12 +39,13 @@ test: install system-deps
 
 # The lowest versions pyproject.toml allows for every direct dependency, in a venv of their
 # own (uv's lowest-direct resolution), running the core of the suite: service, router, wire,
-# resume, settings, backends and the Redis service. About two minutes.
+# resume, settings, backends, the Redis service and the docs' examples. About four minutes.
 LOWEST_VENV ?= build/venv-lowest
 LOWEST_TESTS ?= tests/test_service.py tests/test_router.py tests/test_wire.py tests/test_resume.py \
 	tests/test_stream.py tests/test_limits.py tests/test_lifecycle.py tests/test_shutdown.py \
 	tests/test_middleware.py tests/test_settings.py tests/test_startup_checks.py tests/test_metrics.py \
-	tests/test_backend_contract.py tests/test_redis_service.py tests/test_deployment_docs.py
+	tests/test_backend_contract.py tests/test_redis_service.py tests/test_deployment_docs.py \
+	tests/test_api_examples.py tests/test_examples_standalone.py
 
 test-lowest: system-deps
 	rm -rf $(LOWEST_VENV)
@@ -56,7 +57,7 @@ test-lowest: system-deps
 	# The installed distribution itself, away from the checkout's sources.
 	cd $(LOWEST_VENV) && bin/python -c "import importlib.metadata as m, fastapi_sse; \
 		assert 'site-packages' in fastapi_sse.__file__; print('fastapi-sse-channels', m.version('fastapi-sse-channels'))"
-	$(LOWEST_VENV)/bin/python -m pytest -q -p no:cacheprovider $(LOWEST_TESTS)
+	$(LOWEST_VENV)/bin/python -m pytest -q -p no:cacheprovider -m "not browser" $(LOWEST_TESTS)
 
 lint: install
 	$(BIN)/ruff check .
