@@ -7,6 +7,7 @@ Each warning is logged once per process, on the ``fastapi_sse`` logger.
 from __future__ import annotations
 
 import difflib
+import gc
 import logging
 import os
 import shlex
@@ -38,7 +39,7 @@ def check_startup(service: SSEService, *, from_environment: bool) -> None:
             hint = f": did you mean {closest}?" if closest else ""
             _warn_once(f"{name} matches no SSE setting and is ignored{hint}")
     if isinstance(service.backend, MemoryBackend):
-        workers = worker_processes(os.environ, _parent_argv(), sys.argv)
+        workers = _gunicorn_workers() or worker_processes(os.environ, _parent_argv(), sys.argv)
         if workers > 1:
             _warn_once(
                 f"{workers} worker processes share nothing through the in-memory backend: an event "
@@ -123,6 +124,20 @@ def _int(value: str | None) -> int | None:
         return int(value) if value is not None else None
     except ValueError:
         return None
+
+
+def _gunicorn_workers() -> int | None:
+    """Under gunicorn, the arbiter's worker count, whatever set it (command line,
+    configuration file, environment). gunicorn's arbiter sets ``SERVER_SOFTWARE``,
+    and a worker is a fork of the arbiter: it holds a copy of the arbiter object."""
+    arbiter = sys.modules.get("gunicorn.arbiter")
+    if arbiter is None or not os.environ.get("SERVER_SOFTWARE", "").startswith("gunicorn/"):
+        return None
+    for obj in gc.get_objects():
+        if isinstance(obj, arbiter.Arbiter):
+            workers = getattr(obj, "num_workers", None)
+            return workers if isinstance(workers, int) else None
+    return None
 
 
 def _parent_argv() -> list[str]:

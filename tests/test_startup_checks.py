@@ -57,18 +57,16 @@ class ServerOutput:
 @contextmanager
 def uvicorn_process(env: dict[str, str], *args: str) -> Iterator[ServerOutput]:
     """``uvicorn tests.helpers.process_app:app`` with ``args``, its output merged and read line by line."""
+    command = ["uvicorn", "tests.helpers.process_app:app", "--host", "127.0.0.1", "--port", str(free_port()), *args]
+    with server_process(command, env) as output:
+        yield output
+
+
+@contextmanager
+def server_process(command: list[str], env: dict[str, str]) -> Iterator[ServerOutput]:
+    """``python -m <command>`` in the repository, its output merged and read line by line."""
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "tests.helpers.process_app:app",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(free_port()),
-            *args,
-        ],
+        [sys.executable, "-m", *command],
         cwd=ROOT,
         env={k: v for k, v in {**os.environ, **env}.items() if k != "WEB_CONCURRENCY"},
         stdout=subprocess.PIPE,
@@ -186,3 +184,17 @@ def test_an_unknown_variable_is_warned_about_once_at_startup() -> None:
         lines = output.wait_for(started(1))
     expected = "SSE_HEARTBEAT_INTREVAL matches no SSE setting and is ignored: did you mean SSE_HEARTBEAT_INTERVAL?"
     assert [line for line in lines if "SSE_HEARTBEAT_INTREVAL" in line] == [expected]
+
+
+def test_gunicorn_with_workers_set_in_its_configuration_file_warns(tmp_path: Path) -> None:
+    # Installed by the dev extra; the count is in no command line nor variable here.
+    pytest.importorskip("gunicorn")
+    pytest.importorskip("uvicorn_worker")
+    config = tmp_path / "gunicorn.conf.py"
+    config.write_text("workers = 2\nworker_class = 'uvicorn_worker.UvicornWorker'\n")
+    command = ["gunicorn", "-c", str(config), "-b", f"127.0.0.1:{free_port()}", "tests.helpers.process_app:app"]
+    with server_process(command, {}) as output:
+        lines = output.wait_for(started(2))
+    warnings = [line for line in lines if MEMORY_WARNING in line]
+    assert len(warnings) == 2, lines
+    assert "2 worker processes" in warnings[0]
