@@ -40,6 +40,7 @@ test: install system-deps
 # The lowest versions pyproject.toml allows for every direct dependency, in a venv of their
 # own (uv's lowest-direct resolution), running the core of the suite: service, router, wire,
 # resume, settings, backends, the Redis service and the docs' examples. About four minutes.
+# The test tools' floors are the dev extra's.
 LOWEST_VENV ?= build/venv-lowest
 LOWEST_TESTS ?= tests/test_service.py tests/test_router.py tests/test_wire.py tests/test_resume.py \
 	tests/test_stream.py tests/test_limits.py tests/test_lifecycle.py tests/test_shutdown.py \
@@ -52,7 +53,7 @@ test-lowest: system-deps
 	$(PYTHON) -m venv $(LOWEST_VENV)
 	$(LOWEST_VENV)/bin/pip install --quiet uv
 	$(LOWEST_VENV)/bin/uv pip install --quiet --python $(LOWEST_VENV)/bin/python --resolution lowest-direct \
-		".[redis,metrics,testing]" "pytest>=8" "anyio>=4.12"
+		".[redis,metrics,testing]" "pytest>=8" "anyio>=4.12" "gunicorn>=23" "uvicorn-worker>=0.4"
 	$(LOWEST_VENV)/bin/uv pip list --python $(LOWEST_VENV)/bin/python
 	# The installed distribution itself, away from the checkout's sources.
 	cd $(LOWEST_VENV) && bin/python -c "import importlib.metadata as m, fastapi_sse; \
