@@ -46,7 +46,7 @@ LOWEST_TESTS ?= tests/test_service.py tests/test_router.py tests/test_wire.py te
 	tests/test_stream.py tests/test_limits.py tests/test_lifecycle.py tests/test_shutdown.py \
 	tests/test_middleware.py tests/test_settings.py tests/test_startup_checks.py tests/test_metrics.py \
 	tests/test_backend_contract.py tests/test_redis_service.py tests/test_deployment_docs.py \
-	tests/test_api_examples.py tests/test_examples_standalone.py
+	tests/test_redis_faults.py tests/test_api_examples.py tests/test_examples_standalone.py
 
 test-lowest: system-deps
 	rm -rf $(LOWEST_VENV)
