@@ -39,14 +39,16 @@ test: install system-deps
 
 # The lowest versions pyproject.toml allows for every direct dependency, in a venv of their
 # own (uv's lowest-direct resolution), running the core of the suite: service, router, wire,
-# resume, settings, backends, the Redis service and the docs' examples. About four minutes.
+# resume, settings, backends, the Redis service, the example app and the docs' examples
+# (the docs site, the benchmark and the browser tests need the dev tools). About six minutes.
 # The test tools' floors are the dev extra's.
 LOWEST_VENV ?= build/venv-lowest
 LOWEST_TESTS ?= tests/test_service.py tests/test_router.py tests/test_wire.py tests/test_resume.py \
 	tests/test_stream.py tests/test_limits.py tests/test_lifecycle.py tests/test_shutdown.py \
 	tests/test_middleware.py tests/test_settings.py tests/test_startup_checks.py tests/test_metrics.py \
 	tests/test_backend_contract.py tests/test_redis_service.py tests/test_deployment_docs.py \
-	tests/test_redis_faults.py tests/test_api_examples.py tests/test_examples_standalone.py
+	tests/test_redis_faults.py tests/test_core_remote.py tests/test_writer.py tests/test_public_api.py \
+	tests/test_example_app.py tests/test_example_app_page.py tests/test_api_examples.py tests/test_examples_standalone.py
 
 test-lowest: system-deps
 	rm -rf $(LOWEST_VENV)
