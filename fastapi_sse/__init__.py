@@ -13,6 +13,7 @@ from fastapi_sse.errors import (
     SettingsError,
     SSEError,
 )
+from fastapi_sse.hooks import Authorize, DefaultChannels, Identify, OnConnect
 from fastapi_sse.middleware import SSEMiddleware
 from fastapi_sse.response import SSEResponse
 from fastapi_sse.router import allow_all, create_sse_router
@@ -25,16 +26,20 @@ from fastapi_sse.wire import Text
 __all__ = [
     "ALL_CHANNEL",
     "GAP_EVENT",
+    "Authorize",
     "Backend",
     "BackendError",
     "BadRequestError",
     "ConnectionStats",
+    "DefaultChannels",
     "DisconnectReason",
+    "Identify",
     "InvalidChannelError",
     "InvalidEventError",
     "LimitExceededError",
     "MemoryBackend",
     "Message",
+    "OnConnect",
     "Replay",
     "SSEClient",
     "SSEDep",

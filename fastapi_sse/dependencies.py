@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Request
 
+from fastapi_sse import middleware
 from fastapi_sse.errors import ServiceNotRunningError
 from fastapi_sse.service import SSEService
 from fastapi_sse.settings import SSESettings, load_settings
@@ -28,25 +29,58 @@ def sse_lifespan(
     settings are read from the environment when the app starts, unless given.
     The service is in ``app.state.sse`` and the lifespan state, for
     ``Depends(get_sse)`` and for code outside requests (background jobs).
+
+    One app has one service: when both setups are used (``lifespan=sse_lifespan()``
+    and ``include_router(create_sse_router(...))``), the second one uses the service
+    the first started, and refuses to start with settings or a service of its own
+    that differ from it. The lifespan also wraps the app in :class:`SSEMiddleware`
+    (unless the app added it itself), which gives ``add_client`` the request's
+    ``Last-Event-ID``, releases streams a handler opened and never returned, and runs
+    open streams outside their route.
     """
 
     @asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[dict[str, Any]]:
+        state = getattr(app, "state", None)
+        running = getattr(state, STATE_KEY, None) if state is not None else None
+        if isinstance(running, SSEService) and running.running:
+            _check_same_service(running, settings, service)
+            yield {STATE_KEY: running}
+            return
         sse = service if service is not None else SSEService(settings if settings is not None else load_settings())
         check_startup(sse, from_environment=service is None and settings is None)
         await sse.start()
         sse.install_signal_handlers()
-        state = getattr(app, "state", None)
+        uninstall = middleware.install(app, hand_off=sse.settings.stream_outside_route)
         if state is not None:
             setattr(state, STATE_KEY, sse)
         try:
             yield {STATE_KEY: sse}
         finally:
+            if uninstall is not None:
+                uninstall()
             await sse.aclose()
             if state is not None and getattr(state, STATE_KEY, None) is sse:
                 delattr(state, STATE_KEY)
 
     return lifespan
+
+
+def _check_same_service(running: SSEService, settings: SSESettings | None, service: SSEService | None) -> None:
+    """A second SSE lifespan of one app may only mean the service already running."""
+    if service is not None and service is not running:
+        problem = "another SSEService was passed"
+    elif settings is not None and settings != running.settings:
+        problem = "it was given settings that differ from the running service's"
+    else:
+        return
+    raise RuntimeError(
+        "this app already runs an SSE service, and a second SSE lifespan would start another one "
+        f"({problem}): events published through one would never reach the streams of the other. "
+        "Keep one setup: either FastAPI(lifespan=sse_lifespan(...)) or "
+        "app.include_router(create_sse_router(...)) with the settings there; or give both the same "
+        "service (create_sse_router(service=sse), sse_lifespan(service=sse))"
+    )
 
 
 async def get_sse(request: Request) -> SSEService:

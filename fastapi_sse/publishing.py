@@ -13,6 +13,7 @@ import contextlib
 import logging
 import threading
 from collections import deque
+from collections.abc import Collection
 
 from fastapi_sse.backends.base import Backend
 from fastapi_sse.errors import BackendError, ServiceNotRunningError
@@ -23,7 +24,7 @@ logger = logging.getLogger("fastapi_sse")
 _THREAD_BATCH = 64
 """Publishes from other threads dispatched per loop turn."""
 
-_Publish = tuple[str, bytes, str | None, bool]
+_Publish = tuple[str, bytes, str | None, bool, Collection[str]]
 
 
 class Publisher:
@@ -55,14 +56,16 @@ class Publisher:
         """Publishes waiting for the backend."""
         return len(self._outbox)
 
-    def publish_nowait(self, channel: str, payload: bytes, event_id: str | None, *, store: bool) -> None:
-        """Publish without waiting, from any thread."""
+    def publish_nowait(
+        self, channel: str, payload: bytes, event_id: str | None, *, store: bool, index: Collection[str] = ()
+    ) -> None:
+        """Publish without waiting, from any thread; ``index`` as in :meth:`Backend.publish`."""
         loop = self._running_loop()
         if threading.get_ident() == self._loop_thread and not self._from_threads:
-            self._dispatch(channel, payload, event_id, store)
+            self._dispatch(channel, payload, event_id, store, index)
             return
         # Behind publishes from other threads that are still queued: keep the order.
-        self._from_threads.append((channel, payload, event_id, store))
+        self._from_threads.append((channel, payload, event_id, store, index))
         if not self._threads_scheduled:
             self._threads_scheduled = True
             loop.call_soon_threadsafe(self._dispatch_from_threads)
@@ -79,9 +82,14 @@ class Publisher:
             self._threads_scheduled = True
             self._loop.call_soon(self._dispatch_from_threads)
 
-    def _dispatch(self, channel: str, payload: bytes, event_id: str | None, store: bool) -> None:
+    def _dispatch(
+        self, channel: str, payload: bytes, event_id: str | None, store: bool, index: Collection[str]
+    ) -> None:
         self._counters.published += 1
-        if not self._outbox and self._backend.publish_nowait(channel, payload, event_id, store=store) is not None:
+        if (
+            not self._outbox
+            and self._backend.publish_nowait(channel, payload, event_id, store=store, index=index) is not None
+        ):
             return
         if len(self._outbox) >= self._outbox_size:
             self._counters.publish_failures += 1
@@ -91,18 +99,22 @@ class Publisher:
                 len(self._outbox),
             )
             return
-        self._outbox.append((channel, payload, event_id, store))
+        self._outbox.append((channel, payload, event_id, store, index))
         self._outbox_wake.set()
 
-    async def publish(self, channel: str, payload: bytes, event_id: str | None, *, store: bool) -> str:
+    async def publish(
+        self, channel: str, payload: bytes, event_id: str | None, *, store: bool, index: Collection[str] = ()
+    ) -> str:
         """Publish and return the event's id once the backend has taken it; raises
         :class:`BackendError` when it cannot."""
         loop = self._running_loop()
         if threading.get_ident() != self._loop_thread:
-            future = asyncio.run_coroutine_threadsafe(self.publish(channel, payload, event_id, store=store), loop)
+            future = asyncio.run_coroutine_threadsafe(
+                self.publish(channel, payload, event_id, store=store, index=index), loop
+            )
             return await asyncio.wrap_future(future)
         try:
-            message = await self._backend.publish(channel, payload, event_id, store=store)
+            message = await self._backend.publish(channel, payload, event_id, store=store, index=index)
         except BackendError:
             self._counters.publish_failures += 1
             self._counters.backend_errors += 1
@@ -122,9 +134,9 @@ class Publisher:
                 self._outbox_wake.clear()
                 await self._outbox_wake.wait()
                 continue
-            channel, payload, event_id, store = self._outbox[0]
+            channel, payload, event_id, store, index = self._outbox[0]
             try:
-                await self._backend.publish(channel, payload, event_id, store=store)
+                await self._backend.publish(channel, payload, event_id, store=store, index=index)
             except Exception as exc:
                 self._counters.backend_errors += 1
                 logger.warning(

@@ -11,9 +11,11 @@ from typing import TYPE_CHECKING
 
 import anyio
 from sse_starlette.sse import EventSourceResponse
+from starlette.responses import JSONResponse
 from starlette.types import Receive, Scope, Send
 
 from fastapi_sse.client import DisconnectReason
+from fastapi_sse.errors import LimitExceededError
 from fastapi_sse.middleware import claim
 
 if TYPE_CHECKING:
@@ -28,8 +30,12 @@ async def _nothing() -> AsyncIterator[bytes]:
     yield  # pragma: no cover
 
 
-# sse-starlette's headers (text/event-stream, no-store, X-Accel-Buffering: no), built once.
-_RAW_HEADERS = tuple(EventSourceResponse(_nothing(), ping=0).raw_headers)
+# sse-starlette's headers (text/event-stream, no-store, X-Accel-Buffering: no), built once,
+# without its ``Connection: keep-alive``: a hop-by-hop header, forbidden on HTTP/2 and
+# HTTP/3, redundant on HTTP/1.1 and doubled by the server's own on HTTP/1.0.
+_RAW_HEADERS = tuple(
+    (name, value) for name, value in EventSourceResponse(_nothing(), ping=0).raw_headers if name != b"connection"
+)
 
 
 class SSEResponse(EventSourceResponse):
@@ -59,9 +65,11 @@ class SSEResponse(EventSourceResponse):
     _shutdown_grace_period = 0
     _cleanup_timeout = EventSourceResponse.DEFAULT_CLEANUP_TIMEOUT
 
-    def __init__(self, client: SSEClient, service: SSEService) -> None:
+    def __init__(self, client: SSEClient, service: SSEService, *, status_code: int = 200) -> None:
         # Not EventSourceResponse.__init__: it would build the same headers, a lock
         # and a generator for every connection, none of which the stream uses.
+        # ``status_code`` is here for FastAPI, which reads a route's default status from
+        # the response class's signature (for OpenAPI); a stream is always a 200.
         self.raw_headers = list(_RAW_HEADERS)
         self.client = client
         self.service = service
@@ -83,6 +91,13 @@ class SSEResponse(EventSourceResponse):
             await send(start)
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             return
+        if client.identity is not None and not client.closed:
+            try:
+                await service.enforce_identity_limit(client)
+            except LimitExceededError as exc:
+                refusal = JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+                await refusal(scope, receive, send)
+                return
         attached = service._attach(client)
         try:
             await send(start)

@@ -1,28 +1,27 @@
 """The router factory: the subscribe endpoint and the admin connection stats."""
 
-from __future__ import annotations
+from collections.abc import Callable, Collection, Sequence
+from typing import Annotated, Any
 
-import inspect
-from collections.abc import Awaitable, Callable, Collection, Sequence
-from typing import Annotated, Any, TypeAlias, TypeVar
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response, params
 
-from fastapi import APIRouter, HTTPException, Query, Request, Response, params
-
-from fastapi_sse.client import DisconnectReason, SSEClient
+from fastapi_sse import middleware
+from fastapi_sse.client import SSEClient
 from fastapi_sse.dependencies import SSEDep, sse_lifespan
 from fastapi_sse.errors import LimitExceededError
+from fastapi_sse.hooks import Authorize, Bound, DefaultChannels, Identify, OnConnect, as_value_dependency, dependency
 from fastapi_sse.response import SSEResponse
 from fastapi_sse.service import SSEService
 from fastapi_sse.settings import SSESettings
 from fastapi_sse.stats import ConnectionStats
 
-T = TypeVar("T")
-MaybeAwaitable: TypeAlias = T | Awaitable[T]
-
-Authorize = Callable[[Request, str], MaybeAwaitable[bool]]
-Identify = Callable[[Request], MaybeAwaitable[str | None]]
-DefaultChannels = Callable[[Request], MaybeAwaitable[Collection[str]]]
-OnConnect = Callable[[Request, SSEClient, SSEService], MaybeAwaitable[None]]
+_LAST_EVENT_ID_HEADER: dict[str, Any] = {
+    "name": "Last-Event-ID",
+    "in": "header",
+    "required": False,
+    "description": "Sent by EventSource on every reconnect: the stream replays what came after this id.",
+    "schema": {"type": "string"},
+}
 
 _STREAM_DOC: dict[int | str, dict[str, Any]] = {
     200: {
@@ -37,22 +36,12 @@ _STREAM_DOC: dict[int | str, dict[str, Any]] = {
 }
 
 
-async def _call(value: MaybeAwaitable[T]) -> T:
-    if inspect.isawaitable(value):
-        result: T = await value
-        return result
-    return value
+async def _no_value() -> None:
+    return None
 
 
-def _header_text(value: str | None) -> str | None:
-    """A header as the client meant it: browsers send ``Last-Event-ID`` as UTF-8,
-    which Starlette decodes as Latin-1."""
-    if value is None or value.isascii():
-        return value
-    try:
-        return value.encode("latin-1").decode()
-    except UnicodeError:
-        return value
+async def _no_hook() -> None:
+    return None
 
 
 def allow_all(request: Request, channel: str) -> bool:
@@ -77,11 +66,16 @@ def create_sse_router(
     """A router with the subscribe endpoint and, when protected, the admin stats.
 
     ``GET {subscribe_path}?channel=a&channel=b`` opens a stream on those channels.
-    ``authorize(request, channel)`` decides each requested channel (identity comes
-    from your auth, not from the query); ``default_channels(request)`` are always
-    subscribed (e.g. ``user:{id}``) and need no authorization; ``identify(request)``
-    names the identity for ``max_connections_per_identity``; ``on_connect`` may send
-    the initial state with ``sse.send_to(client.id, ...)``.
+    ``authorize`` decides each requested channel (identity comes from your auth, not
+    from the query); ``default_channels`` are always subscribed (e.g. ``user:{id}``)
+    and need no authorization; ``identify`` names the identity for
+    ``max_connections_per_identity``; ``on_connect`` may send the initial state with
+    ``sse.send_to(client.id, ...)``. Each hook is resolved by FastAPI's dependency
+    injection, so it may ``Depends`` on the app's own auth (see :mod:`fastapi_sse.hooks`):
+    ``identify=current_user_id``, ``authorize=can_read`` with
+    ``def can_read(channel: str, user: Annotated[User, Depends(current_user)])``. The
+    plain forms ``authorize(request, channel)``, ``identify(request)``,
+    ``default_channels(request)`` and ``on_connect(request, client, sse)`` work too.
 
     ``GET {admin_path}`` exists only when ``admin_dependencies`` is given: the
     dependencies that protect it (e.g. a token check). ``Depends(allow_anyone)``
@@ -95,33 +89,44 @@ def create_sse_router(
     it takes. Route names are namespaced (``fastapi_sse:subscribe``).
     """
     router = APIRouter(lifespan=sse_lifespan(settings, service=service))
+    authorize_dep = dependency(authorize, legacy=("request", "channel"), provided={"channel": str})
+    identify_dep = as_value_dependency(identify, legacy=("request",)) if identify else _no_value
+    defaults_dep = as_value_dependency(default_channels, legacy=("request",)) if default_channels else _no_value
+    connect_dep: Callable[..., Any] = (
+        dependency(on_connect, legacy=("request", "client", "sse"), provided={"client": SSEClient, "sse": SSEService})
+        if on_connect
+        else _no_hook
+    )
 
     @router.get(
         subscribe_path,
         name="fastapi_sse:subscribe",
+        operation_id="sse_subscribe",
         response_class=SSEResponse,
-        # Stated, because FastAPI reads the default status from the response class's
-        # __init__, and SSEResponse's takes the client and service instead.
-        status_code=200,
         responses=_STREAM_DOC,
         summary="Open an event stream",
+        openapi_extra={"parameters": [_LAST_EVENT_ID_HEADER]},
     )
     async def subscribe(
         request: Request,
         sse: SSEDep,
+        can_read: Annotated[Bound, Depends(authorize_dep)],
+        identity: Annotated[str | None, Depends(identify_dep)],
+        defaults: Annotated[Collection[str] | None, Depends(defaults_dep)],
+        connected: Annotated[Bound | None, Depends(connect_dep)],
         channel: Annotated[list[str], Query(description="Channel to subscribe to; repeat for several.")] = [],  # noqa: B006 - FastAPI copies defaults
         last_event_id: Annotated[
             str | None,
-            Query(description="Resume after this event id (the Last-Event-ID header wins)."),
+            Query(description="Resume after this event id, on a first connection (the Last-Event-ID header wins)."),
         ] = None,
     ) -> SSEResponse:
         requested = list(dict.fromkeys(channel))
         for name in requested:
             sse.check_channel(name)
-        defaults: list[str] = list(await _call(default_channels(request))) if default_channels else []
-        for name in defaults:
+        default_names = list(defaults) if defaults else []
+        for name in default_names:
             sse.check_channel(name)
-        wanted = list(dict.fromkeys([*defaults, *requested]))
+        wanted = list(dict.fromkeys([*default_names, *requested]))
         limit = sse.settings.max_channels_per_connection
         if len(wanted) > limit:
             raise LimitExceededError(
@@ -130,23 +135,18 @@ def create_sse_router(
                 400,
             )
         for name in requested:
-            if name not in defaults and not await _call(authorize(request, name)):
+            if name not in default_names and not await can_read(channel=name):
                 raise HTTPException(403, f"not allowed to subscribe to channel {name!r}")
-        identity = await _call(identify(request)) if identify else None
-        resume = _header_text(request.headers.get("last-event-id")) or last_event_id
+        resume = middleware.last_event_id(request.scope) or ""
         client, response = sse.add_client(resume, identity=identity)
         try:
-            if identity is not None:
-                await sse.enforce_identity_limit(client)
             for name in wanted:
                 sse.subscribe(client.id, name)
-            if on_connect is not None:
-                result = on_connect(request, client, sse)
-                if inspect.isawaitable(result):
-                    await result
+            if connected is not None:
+                await connected(client=client, sse=sse)
         except BaseException:
-            # The response will never run: free the client's slot now, not at attach_timeout.
-            sse._detach(client, DisconnectReason.NEVER_STARTED)
+            # The response will never run: free the client's slot now.
+            sse.remove_unstarted(client)
             raise
         return response
 
@@ -155,6 +155,7 @@ def create_sse_router(
         @router.get(
             admin_path,
             name="fastapi_sse:connections",
+            operation_id="sse_connections",
             dependencies=list(admin_dependencies),
             response_model=ConnectionStats,
             summary="Connection statistics",
@@ -169,6 +170,7 @@ def create_sse_router(
         @router.get(
             metrics_path,
             name="fastapi_sse:metrics",
+            operation_id="sse_metrics",
             dependencies=list(metrics_dependencies),
             response_class=Response,
             responses={200: {"description": "Prometheus text format.", "content": {"text/plain": {}}}},

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from types import FrameType
 from typing import Any, TypeVar
 
-from fastapi_sse import wire
+from fastapi_sse import middleware, wire
 from fastapi_sse.backends.base import Backend, Message
 from fastapi_sse.backends.memory import MemoryBackend
 from fastapi_sse.client import DisconnectReason, Frame, SSEClient
@@ -42,6 +42,9 @@ ALL_CHANNEL = "$all"
 """Internal channel every client listens to; :meth:`SSEService.broadcast_all` uses it."""
 CLIENT_CHANNEL_PREFIX = "$client:"
 """Internal per-client channel; :meth:`SSEService.send_to` uses it."""
+IDENTITY_CHANNEL_PREFIX = "$identity:"
+"""Pseudo channel of an identity: the id of an event sent to one of its clients
+resolves through it when a client of that identity resumes (nothing is published on it)."""
 
 GAP_EVENT = "gap"
 """Name of the event a resuming client gets when history no longer covers its cursor."""
@@ -55,6 +58,13 @@ _T = TypeVar("_T")
 _CLOSE = b""
 
 _REMOTE_CLIENT_ID = re.compile(r"[0-9a-f]{12}\.[0-9a-f]{32}")
+
+
+def _readable(client: SSEClient) -> tuple[str, ...]:
+    """A client's channels and its identity's pseudo channel (ids resolve through them)."""
+    if client.identity is None:
+        return tuple(client.channels)
+    return (*client.channels, IDENTITY_CHANNEL_PREFIX + client.identity)
 
 
 def _client_channel(client_id: str) -> str:
@@ -100,6 +110,9 @@ class SSEService:
         self._interest_done = 0
         self._interest_wake = asyncio.Event()
         self._previous_handlers: dict[int, Any] = {}
+        # Clients whose identity holds a slot in the shared backend (claimed once).
+        self._claimed: set[str] = set()
+        self._announced = False
         self._retry_frame = wire.retry_frame(self.settings.retry_interval)
         self._writer = Writer(self._sent)
 
@@ -162,6 +175,11 @@ class SSEService:
         self._running = False
         self.restore_signal_handlers()
 
+    @property
+    def running(self) -> bool:
+        """Whether the service is started and not yet closed."""
+        return self._running
+
     async def __aenter__(self) -> SSEService:
         await self.start()
         return self
@@ -214,20 +232,26 @@ class SSEService:
     def add_client(
         self, last_event_id: str | None = None, *, identity: str | None = None
     ) -> tuple[SSEClient, SSEResponse]:
-        """Create a client and the response that streams to it.
+        """Create a client and the response that streams to it; return the response
+        from the handler.
 
-        ``last_event_id`` (the ``Last-Event-ID`` header or query parameter) makes the
-        stream replay what the client missed on every channel it is subscribed to
-        before the response starts. ``identity`` (e.g. the user id) applies
-        ``max_connections_per_identity``. Raises :class:`LimitExceededError` (an
-        ``HTTPException``) when a limit refuses the connection. With a shared backend
-        the identity limit is cluster-wide: then also ``await
-        enforce_identity_limit(client)`` before returning the response (the router does).
+        The stream replays what the client missed on every channel it is subscribed to
+        before the response starts, from ``last_event_id``: by default the request's
+        own ``Last-Event-ID`` header (what EventSource sends on every reconnect), or
+        its ``last_event_id`` query parameter for a first connection. Pass ``""`` to
+        start fresh. ``identity`` (e.g. the user id) applies
+        ``max_connections_per_identity``, across every worker with a shared backend.
+        Raises :class:`LimitExceededError` (an ``HTTPException``) when a limit refuses
+        the connection. If the handler ends without returning the response (it raised
+        its own 400 or 403, or returned something else), the client is released when
+        the request ends.
         """
         if (loop := self._other_threads_loop()) is not None:
             return _run_in(loop, lambda: self.add_client(last_event_id, identity=identity))
         self._require_running()
         settings = self.settings
+        if last_event_id is None:
+            last_event_id = middleware.current_last_event_id()
         if self._closing:
             self._counters.refused["shutdown"] += 1
             raise LimitExceededError(
@@ -277,6 +301,7 @@ class SSEService:
         self._join(client, ALL_CHANNEL)
         self._join(client, _client_channel(client.id))
         self._counters.connects += 1
+        middleware.opened(client, self._release_unstarted)
         return client, SSEResponse(client, self)
 
     def remove_client(self, client_id: str) -> bool:
@@ -296,15 +321,17 @@ class SSEService:
     async def enforce_identity_limit(self, client: SSEClient) -> None:
         """Apply ``max_connections_per_identity`` across every worker sharing the backend.
 
-        Call it right after :meth:`add_client`, before returning the response (the
-        router does). With ``refuse`` it removes the client and raises
-        :class:`LimitExceededError` (429) when the identity is at its limit; with
-        ``remove_oldest`` it closes the identity's oldest streams, on whichever worker
-        they are. In-process backends need nothing more than ``add_client`` did.
-        While the backend is unreachable the connection is allowed (and logged).
+        The response does it before it starts; call it yourself only to know the
+        answer earlier in the handler (it counts once per client). With ``refuse`` it
+        removes the client and raises :class:`LimitExceededError` (429) when the
+        identity is at its limit; with ``remove_oldest`` it closes the identity's
+        oldest streams, on whichever worker they are. In-process backends need nothing
+        more than ``add_client`` did. While the backend is unreachable the connection
+        is allowed (and logged).
         """
-        if client.identity is None or not self.backend.remote or client.closed:
+        if client.identity is None or not self.backend.remote or client.closed or client.id in self._claimed:
             return
+        self._claimed.add(client.id)
         settings = self.settings
         refuse = settings.identity_limit_policy == "refuse"
         try:
@@ -314,6 +341,10 @@ class SSEService:
         except Exception as exc:
             self._counters.backend_errors += 1
             logger.warning("could not check the connection limit of an identity (%s); allowing the stream", exc)
+            return
+        if client.closed:
+            # Closed while the claim was on its way: give back what it may have taken.
+            await self._release(client)
             return
         if evicted is None:
             self._counters.refused["max_connections_per_identity"] += 1
@@ -403,7 +434,7 @@ class SSEService:
         payload = self._encode(event, data, id)
         if not self._reachable(client_id):
             return False
-        self._publish_nowait(_client_channel(client_id), payload, id, store=False)
+        self._publish_nowait(_client_channel(client_id), payload, id, store=False, index=self._readers(client_id, id))
         return True
 
     async def publish(self, channel: str, event: str, data: Any, id: str | None = None) -> str:
@@ -421,7 +452,18 @@ class SSEService:
         payload = self._encode(event, data, id)
         if not self._reachable(client_id):
             return None
-        return await self._publish(_client_channel(client_id), payload, id, store=False)
+        return await self._publish(
+            _client_channel(client_id), payload, id, store=False, index=self._readers(client_id, id)
+        )
+
+    def _readers(self, client_id: str, event_id: str | None) -> tuple[str, ...]:
+        """Where the id of an event for one client resolves once that client resumes as
+        a new client: the channels it reads now, and its identity's pseudo channel. A
+        client of another worker is unknown here: its resume from such an id is a gap."""
+        client = self._clients.get(client_id)
+        if event_id is None or client is None:
+            return ()
+        return _readable(client)
 
     def _reachable(self, client_id: str) -> bool:
         """Whether a client id is this worker's client or, with a shared backend,
@@ -500,7 +542,20 @@ class SSEService:
 
     async def _announce(self) -> None:
         ttl = self.settings.presence_interval * 3
-        await self.backend.announce(self.worker_id, self.stats().model_dump_json().encode(), ttl)
+        known = await self.backend.announce(self.worker_id, self.stats().model_dump_json().encode(), ttl)
+        if known is False and self._announced:
+            # The store lost this worker's registration, and with it the identity slots
+            # of its streams: put them back, or the limits would forget open streams.
+            logger.warning("the shared backend lost this worker's registration; restoring its identity slots")
+            groups: dict[str, list[str]] = {}
+            for client_id in self._claimed:
+                client = self._clients.get(client_id)
+                if client is not None and client.identity is not None:
+                    groups.setdefault("identity:" + client.identity, []).append(client_id)
+            for members in groups.values():
+                members.sort(key=lambda cid: self._clients[cid].created_at)
+            await self.backend.reclaim(groups)
+        self._announced = True
 
     async def _presence(self) -> None:
         """Keep this worker's registration (and stats) fresh in the shared backend."""
@@ -548,7 +603,8 @@ class SSEService:
                 mine.pop(client.id, None)
                 if not mine:
                     del self._identities[client.identity]
-        if client.identity is not None and self.backend.remote:
+        if client.id in self._claimed:
+            self._claimed.discard(client.id)
             self._spawn(self._release(client))
         self._counters.disconnects[reason] += 1
         client.mark_closed(reason, discard=discard)
@@ -633,13 +689,17 @@ class SSEService:
             return None
         return loop
 
-    def _publish_nowait(self, channel: str, payload: bytes, event_id: str | None, *, store: bool) -> None:
+    def _publish_nowait(
+        self, channel: str, payload: bytes, event_id: str | None, *, store: bool, index: Collection[str] = ()
+    ) -> None:
         self._require_running()
-        self._publisher.publish_nowait(channel, payload, event_id, store=store)
+        self._publisher.publish_nowait(channel, payload, event_id, store=store, index=index)
 
-    async def _publish(self, channel: str, payload: bytes, event_id: str | None, *, store: bool) -> str:
+    async def _publish(
+        self, channel: str, payload: bytes, event_id: str | None, *, store: bool, index: Collection[str] = ()
+    ) -> str:
         self._require_running()
-        return await self._publisher.publish(channel, payload, event_id, store=store)
+        return await self._publisher.publish(channel, payload, event_id, store=store, index=index)
 
     def _require_running(self) -> asyncio.AbstractEventLoop:
         if not self._running or self._loop is None:
@@ -715,7 +775,8 @@ class SSEService:
             return chunks
         self._counters.resumes += 1
         channels = [*client.channels, ALL_CHANNEL]
-        after = await self.backend.resolve(client.last_event_id)
+        # Only among what this client may read: resume is no oracle for other channels.
+        after = await self.backend.resolve(client.last_event_id, [ALL_CHANNEL, *_readable(client)])
         replay = await self.backend.replay(channels, after)
         replayed = frozenset(channels) - replay.gaps
         client._floor = replay.head
@@ -749,6 +810,16 @@ class SSEService:
         elif last < replay.head:
             chunks.append(wire.cursor_frame(str(replay.head)))
         return chunks
+
+    def _release_unstarted(self, client: SSEClient) -> None:
+        """The request that made this client ended without running its stream."""
+        self._detach(client, DisconnectReason.NEVER_STARTED)
+
+    def remove_unstarted(self, client: SSEClient) -> None:
+        """Release a client whose response will never run (the handler gives up on it)
+        now; the request's end would otherwise do it."""
+        if not client.attached:
+            self._detach(client, DisconnectReason.NEVER_STARTED)
 
     def _detach(self, client: SSEClient, reason: str) -> None:
         """A stream ended (for whatever reason): make sure the client is gone."""

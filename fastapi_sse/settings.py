@@ -170,6 +170,14 @@ class SSESettings(BaseSettings):
         gt=0,
         description=("Seconds a client made by `add_client` may wait for its response to start before it is removed."),
     )
+    stream_outside_route: bool = Field(
+        default=True,
+        description=(
+            "Run an open stream outside its route once its opening is written: the route's "
+            "dependencies with `yield` close then, and its frames are freed (about 10 KiB per "
+            "connection). `false` keeps each stream inside its route until it ends."
+        ),
+    )
     publish_buffer_size: int = Field(
         default=10_000,
         gt=0,

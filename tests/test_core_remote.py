@@ -78,9 +78,11 @@ class LoopbackBackend(Backend):
     async def unlisten(self, channels: Collection[str]) -> None:
         self.listening.difference_update(channels)
 
-    async def publish(self, channel: str, payload: bytes, event_id: str | None, *, store: bool) -> Message:
+    async def publish(
+        self, channel: str, payload: bytes, event_id: str | None, *, store: bool, index: Collection[str] = ()
+    ) -> Message:
         self._check()
-        message = self.hub.store.publish_nowait(channel, payload, event_id, store=store)
+        message = self.hub.store.publish_nowait(channel, payload, event_id, store=store, index=index)
         for backend in list(self.hub.backends):
             if channel in backend.listening and backend._loop is not None and backend._deliver is not None:
                 backend._loop.call_soon_threadsafe(backend._deliver, message)
@@ -89,8 +91,8 @@ class LoopbackBackend(Backend):
     async def head(self) -> int:
         return await self.hub.store.head()
 
-    async def resolve(self, event_id: str) -> int | None:
-        return await self.hub.store.resolve(event_id)
+    async def resolve(self, event_id: str, channels: Collection[str]) -> int | None:
+        return await self.hub.store.resolve(event_id, channels)
 
     async def replay(self, channels: Collection[str], after: int | None) -> Replay:
         hook, self.before_replay = self.before_replay, None

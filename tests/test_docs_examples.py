@@ -298,3 +298,24 @@ def test_the_configuration_table_breaks_no_name_mid_word(tmp_path: Path) -> None
                 page.close()
         finally:
             browser.close()
+
+
+def test_router_hooks_example_resolves_the_user_once_for_every_hook() -> None:
+    from docs.examples import router_hooks
+
+    alice = {"Authorization": "Bearer alice"}
+    app = router_hooks.app
+    with serve(app) as server, httpx.Client(base_url=server.url, timeout=10) as http:
+        assert http.get("/subscribe").status_code == 401
+        assert http.get("/subscribe", params={"channel": "team:blue"}, headers=alice).status_code == 403
+        with open_stream(f"{server.url}/subscribe", params={"channel": "team:red"}, headers=alice) as stream:
+            assert json.loads(stream.next_event().data) == {"name": "alice", "teams": ["red"]}
+            sent = http.post("/teams/red/messages", params={"text": "hi"}, headers=alice)
+            assert sent.json() == {"status": "sent"}
+            assert json.loads(stream.next_event().data) == {"from": "alice", "text": "hi"}
+        app.dependency_overrides[router_hooks.current_user] = lambda: router_hooks.User(name="tester", teams=["red"])
+        try:
+            with open_stream(f"{server.url}/subscribe", params={"channel": "team:red"}) as stream:
+                assert json.loads(stream.next_event().data) == {"name": "tester", "teams": ["red"]}
+        finally:
+            app.dependency_overrides.clear()

@@ -145,6 +145,12 @@ EXAMPLE_RUNS: dict[str, Example] = {
         ["taskProgress", "taskComplete"],
         headers=ALICE,
     ),
+    "router_hooks.py": Example(
+        "/subscribe?channel=team:red",
+        post("/teams/red/messages", params={"text": "hi"}, headers={"Authorization": "Bearer alice"}),
+        ["hello", "message"],
+        headers={"Authorization": "Bearer alice"},
+    ),
     "publishing.py": Example(
         "/subscribe?channel=orders", post("/test-publish"), ["announcement", "initialState", "newOrder"]
     ),

@@ -200,11 +200,13 @@ class FlakyBackend(MemoryBackend):
         super().__init__()
         self.down = False
 
-    async def publish(self, channel: str, payload: bytes, event_id: str | None, *, store: bool) -> Any:
+    async def publish(
+        self, channel: str, payload: bytes, event_id: str | None, *, store: bool, index: Collection[str] = ()
+    ) -> Any:
         if self.down:
             self.errors += 1  # its own retry before giving up
             raise ConnectionError("store unreachable")
-        return await super().publish(channel, payload, event_id, store=store)
+        return await super().publish(channel, payload, event_id, store=store, index=index)
 
     async def listen(self, channels: Collection[str]) -> None:
         return None

@@ -21,10 +21,13 @@ from fastapi_sse.middleware import Slot
 ORIGIN = "https://app.example"
 
 
-def stream_app(*, middleware: bool) -> tuple[FastAPI, list[str], list[weakref.ref[Request]]]:
-    """A seed-style endpoint with a ``yield`` dependency and a background task, behind
-    CORS and a ``BaseHTTPMiddleware``; ``log`` records what ran and when."""
-    app = FastAPI(lifespan=sse_lifespan(fast_settings()))
+def stream_app(
+    *, middleware: bool, outside_route: bool = True
+) -> tuple[FastAPI, list[str], list[weakref.ref[Request]]]:
+    """An endpoint of the app's own (``add_client``) with a ``yield`` dependency and a
+    background task, behind CORS and a ``BaseHTTPMiddleware``; ``log`` records what ran
+    and when. ``middleware`` adds SSEMiddleware by hand; without it the lifespan adds it."""
+    app = FastAPI(lifespan=sse_lifespan(fast_settings(stream_outside_route=outside_route)))
     log: list[str] = []
     requests: list[weakref.ref[Request]] = []
 
@@ -59,9 +62,13 @@ def stream_app(*, middleware: bool) -> tuple[FastAPI, list[str], list[weakref.re
     return app, log, requests
 
 
-@pytest.mark.parametrize("middleware", [True, False], ids=["with", "without"])
-def test_an_open_stream_leaves_the_route(middleware: bool, http: Any) -> None:
-    app, log, _ = stream_app(middleware=middleware)
+@pytest.mark.parametrize(
+    ("middleware", "outside_route"),
+    [(True, True), (False, True), (False, False)],
+    ids=["added-by-hand", "by-default", "inside-route"],
+)
+def test_an_open_stream_leaves_the_route(middleware: bool, outside_route: bool, http: Any) -> None:
+    app, log, _ = stream_app(middleware=middleware, outside_route=outside_route)
     with served(app) as (server, sse):
         with open_stream(f"{server.url}/events", headers={"Origin": ORIGIN}) as stream:
             # The headers went through every middleware.
@@ -70,7 +77,7 @@ def test_an_open_stream_leaves_the_route(middleware: bool, http: Any) -> None:
             server.call(sse.broadcast, "feed", "tick", {"n": 1})
             assert stream.next_event().data == '{"n":1}'
             probe = http.get(f"{server.url}/probe").json()
-            if middleware:
+            if outside_route:
                 # The route has returned: its dependency closed and its request is gone.
                 assert probe == {"log": ["session opened", "session closed"], "requests alive": 0}
             else:
@@ -129,7 +136,7 @@ def test_the_relay_names_the_misplaced_layer() -> None:
         sent.append(message)
 
     async def scenario() -> None:
-        slot = Slot(send)
+        slot = Slot({"type": "http"}, send, hand_off=True)
         await slot.relay({"type": "http.response.body", "body": b"a", "more_body": True})
         slot.stream = object()  # type: ignore[assignment]
         # The end of the body from a layer inside is the stream's to write: dropped here.

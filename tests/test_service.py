@@ -292,10 +292,10 @@ def test_memory_backend_contract_directly() -> None:
         await backend.publish("a", b"4", None, store=True)
         assert [m.seq for m in delivered] == [1, 2, 3, 4]
         assert await backend.head() == 4
-        assert await backend.resolve("x-2") == 2
-        assert await backend.resolve("3") == 3
-        assert await backend.resolve("99") is None
-        assert await backend.resolve("nope") is None
+        assert await backend.resolve("x-2", ["a"]) == 2
+        assert await backend.resolve("3", ["a"]) == 3
+        assert await backend.resolve("99", ["a"]) is None
+        assert await backend.resolve("nope", ["a"]) is None
         replay = await backend.replay(["a", "b"], 2)
         assert isinstance(replay, Replay)
         assert [m.payload for m in replay.messages] == [b"4"]

@@ -4,6 +4,9 @@ A backend knows nothing of clients, SSE framing, heartbeats or JSON. It gives ea
 published message a sequence number, increasing across every channel, hands
 messages of the channels this process listens to back to the service, and answers
 "what came on these channels after sequence N".
+
+Ids given by a publisher are indexed per channel, so that a client's ``Last-Event-ID``
+resolves only among the events it may read (see :meth:`Backend.resolve`).
 """
 
 from __future__ import annotations
@@ -74,19 +77,35 @@ class Backend(ABC):
         """Stop delivering these channels to this process."""
 
     @abstractmethod
-    async def publish(self, channel: str, payload: bytes, event_id: str | None, *, store: bool) -> Message:
+    async def publish(
+        self, channel: str, payload: bytes, event_id: str | None, *, store: bool, index: Collection[str] = ()
+    ) -> Message:
         """Assign the next sequence number, keep the message in the channel's history
         if ``store``, and deliver it to every process listening to ``channel``; storing
-        and announcing are one atomic step."""
+        and announcing are one atomic step.
+
+        A publisher's ``event_id`` is indexed for :meth:`resolve` under ``channel``
+        when the message is stored, and under every channel of ``index``: for a
+        message kept out of history (one client's), the channels its recipient reads,
+        so that the recipient resumes from it after reconnecting as a new client.
+        An id indexed twice under one channel is marked repeated there."""
 
     @abstractmethod
     async def head(self) -> int:
         """The newest sequence number assigned (0 before the first)."""
 
     @abstractmethod
-    async def resolve(self, event_id: str) -> int | None:
-        """The sequence number of a stored message with this id (a publisher's id or
-        the decimal form of a sequence number), or None when it is unknown."""
+    async def resolve(self, event_id: str, channels: Collection[str]) -> int | None:
+        """The sequence number a client reading ``channels`` resumes after, or None
+        when the id is unknown to it.
+
+        A publisher's id resolves only through the channels it was indexed under (see
+        :meth:`publish`): exactly one message with that id among ``channels`` gives its
+        sequence number; none, or more than one (an id repeated on a channel, or found
+        on several of them), gives None, so that a repeated id never makes a resume
+        skip events and a client cannot learn whether an id exists on a channel it
+        does not read. The decimal form of a sequence number resolves to itself while
+        it is not past :meth:`head`."""
 
     @abstractmethod
     async def replay(self, channels: Collection[str], after: int | None) -> Replay:
@@ -99,7 +118,9 @@ class Backend(ABC):
         whose store expires entries itself (Redis) need not override it."""
         return None
 
-    def publish_nowait(self, channel: str, payload: bytes, event_id: str | None, *, store: bool) -> Message | None:
+    def publish_nowait(
+        self, channel: str, payload: bytes, event_id: str | None, *, store: bool, index: Collection[str] = ()
+    ) -> Message | None:
         """Publish synchronously when the backend can (in-process ones); None otherwise."""
         return None
 
@@ -110,9 +131,10 @@ class Backend(ABC):
     """Set by the service: a remote backend calls it with the channels whose missed
     events it could not deliver (history no longer held them after a reconnection)."""
 
-    async def announce(self, worker_id: str, info: bytes, ttl: float) -> None:
-        """Register a worker and its opaque ``info`` for ``ttl`` seconds."""
-        return None
+    async def announce(self, worker_id: str, info: bytes, ttl: float) -> bool:
+        """Register a worker and its opaque ``info`` for ``ttl`` seconds; True when it
+        was still registered (a refresh), False when the store no longer had it."""
+        return True
 
     async def withdraw(self, worker_id: str) -> None:
         """Remove a worker's registration."""
@@ -129,4 +151,9 @@ class Backend(ABC):
 
     async def release(self, group: str, member: str) -> None:
         """Remove ``member`` from a group made by :meth:`claim`."""
+        return None
+
+    async def reclaim(self, groups: dict[str, list[str]]) -> None:
+        """Put members back in their groups, oldest first, where the store lost them
+        (it restarted empty, or was flushed), without evicting anyone."""
         return None

@@ -116,7 +116,11 @@ return redis.call('GET', KEYS[1])
 # stored and announced once.
 # KEYS: seq, history, last, live, trim, floor, ids, id times, dead, worker backlog, token
 # ARGV: channel, event id or '', payload, store, history size, ttl ms, pubsub channel, id index size,
-#       '1' to keep the message in the worker backlog (events for one client), token ttl ms
+#       '1' to keep the message in the worker backlog (events for one client), token ttl ms,
+#       then the channels the id is indexed under
+# The id index is a hash of fields "<channel>\n<id>" (ids hold no LF) whose value is
+# the seq, or 'r' once the id was published twice on that channel; the id times
+# sorted set scores each field by its last use, to expire it and cap the index.
 _PUBLISH = (
     _SWEEP
     + _START
@@ -156,11 +160,14 @@ if ARGV[4] == '1' and size > 0 then
   redis.call('ZADD', KEYS[4], now, channel)
   redis.call('HSET', KEYS[3], channel, sseq)
 end
--- Ids of events kept out of history (send_to) are indexed too: a client that
--- resumes from one is at a known position in the sequence.
+-- Ids of events kept out of history (send_to) are indexed too, under the channels
+-- their recipient reads: a client that resumes from one is at a known position.
 if id ~= '' then
-  redis.call('HSET', KEYS[7], id, sseq)
-  redis.call('ZADD', KEYS[8], now, id)
+  for i = 11, #ARGV do
+    local field = ARGV[i] .. '\\n' .. id
+    if redis.call('HSETNX', KEYS[7], field, sseq) == 0 then redis.call('HSET', KEYS[7], field, 'r') end
+    redis.call('ZADD', KEYS[8], now, field)
+  end
   local extra = redis.call('ZCARD', KEYS[8]) - tonumber(ARGV[8])
   if extra > 0 then
     local gone = redis.call('ZPOPMIN', KEYS[8], extra)
@@ -517,7 +524,9 @@ class RedisBackend(Backend):
             raise BackendError("the redis backend is not started")
         return self._redis
 
-    async def publish(self, channel: str, payload: bytes, event_id: str | None, *, store: bool) -> Message:
+    async def publish(
+        self, channel: str, payload: bytes, event_id: str | None, *, store: bool, index: Collection[str] = ()
+    ) -> Message:
         self._client()
         keys = [
             self._k_seq,
@@ -544,6 +553,9 @@ class RedisBackend(Backend):
             "1" if self._backlog(channel) else "0",
             self._token_ttl_ms,
         ]
+        if event_id is not None:
+            # The channels the id resolves through (see Backend.publish), each once.
+            args += dict.fromkeys([channel, *index] if store else index)
         try:
             seq = int(await self._publish_script(keys, args))
         except (RedisError, OSError) as exc:
@@ -558,13 +570,16 @@ class RedisBackend(Backend):
         except (RedisError, OSError) as exc:
             raise BackendError(f"could not read from Redis at {_redact(self.url)}: {exc}") from exc
 
-    async def resolve(self, event_id: str) -> int | None:
+    async def resolve(self, event_id: str, channels: Collection[str]) -> int | None:
+        fields = [c + "\n" + event_id for c in dict.fromkeys(channels)]
         try:
-            seq = await self._client().hget(self._k_ids, event_id)
+            values: list[bytes | None] = await self._client().hmget(self._k_ids, fields) if fields else []  # type: ignore[assignment]
         except (RedisError, OSError) as exc:
             raise BackendError(f"could not read from Redis at {_redact(self.url)}: {exc}") from exc
-        if seq is not None:
-            return int(seq)
+        found = {v for v in values if v is not None}
+        if found:
+            # One message among the client's channels, else unknown (see Backend.resolve).
+            return int(found.pop()) if len(found) == 1 and b"r" not in found else None
         if event_id.isascii() and event_id.isdigit():
             value = int(event_id)
             return value if value <= await self.head() else None
@@ -586,15 +601,17 @@ class RedisBackend(Backend):
 
     # -- presence and shared limits ---------------------------------------------------------
 
-    async def announce(self, worker_id: str, info: bytes, ttl: float) -> None:
-        """Register a worker and its opaque ``info`` for ``ttl`` seconds."""
+    async def announce(self, worker_id: str, info: bytes, ttl: float) -> bool:
+        """Register a worker and its opaque ``info`` for ``ttl`` seconds; False when its
+        registration was gone (first call, expired, or Redis lost its data)."""
         try:
             async with self._client().pipeline(transaction=False) as pipe:
-                pipe.set(self.prefix + "wk:" + worker_id, info, px=max(1, round(ttl * 1000)))
+                pipe.set(self.prefix + "wk:" + worker_id, info, px=max(1, round(ttl * 1000)), get=True)
                 pipe.sadd(self._k_workers, worker_id)
-                await pipe.execute()
+                previous, _ = await pipe.execute()
         except (RedisError, OSError) as exc:
             raise BackendError(f"could not register worker on Redis at {_redact(self.url)}: {exc}") from exc
+        return previous is not None
 
     async def withdraw(self, worker_id: str) -> None:
         """Remove a worker's registration (at shutdown)."""
@@ -640,6 +657,23 @@ class RedisBackend(Backend):
             await self._client().zrem(self.prefix + "g:" + group, member)
         except (RedisError, OSError) as exc:
             raise BackendError(f"could not update a shared limit on Redis at {_redact(self.url)}: {exc}") from exc
+
+    async def reclaim(self, groups: dict[str, list[str]]) -> None:
+        """Put members back in their groups where Redis lost them (``ZADD NX``: members
+        still there keep their place), oldest first."""
+        if not groups:
+            return
+        try:
+            # Redis's clock, as the claim script uses: restored members stay older than newcomers.
+            seconds, micros = await self._client().time()
+            now = seconds * 1000 + micros // 1000
+            async with self._client().pipeline(transaction=False) as pipe:
+                for group, members in groups.items():
+                    start = now - len(members)
+                    pipe.zadd(self.prefix + "g:" + group, {m: start + i for i, m in enumerate(members)}, nx=True)
+                await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise BackendError(f"could not restore shared limits on Redis at {_redact(self.url)}: {exc}") from exc
 
     # -- the subscription connection --------------------------------------------------------
 
