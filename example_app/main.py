@@ -24,6 +24,7 @@ from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from example_app.store import Store
 from fastapi_sse import (
@@ -45,6 +46,40 @@ DOC_ID = r"^[A-Za-z0-9_-]{1,64}$"
 DASHBOARD_CHANNELS = frozenset({"dashboard:stats", "dashboard:orders", "dashboard:alerts"})
 DOCUMENT_CHANNEL = re.compile(r"document:[A-Za-z0-9_-]{1,64}")
 COOKIE = "user_id"
+MAX_BODY_BYTES = 64 * 1024  # the largest request body any route reads
+
+
+# -- request bodies, bounded --------------------------------------------------------
+
+
+class BodyLimit:
+    """Refuse request bodies over ``max_bytes`` with HTTP 413, whether announced by
+    ``Content-Length`` or streamed in chunks, before a route reads them whole."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int = MAX_BODY_BYTES) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length", b"0")
+        if not length.isdigit() or int(length) > self.max_bytes:
+            await Response("request body too large", status_code=413)(scope, receive, send)
+            return
+        received = 0
+
+        async def limited() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise HTTPException(413, "request body too large")
+            return message
+
+        await self.app(scope, limited, send)
 
 
 # -- who is asking -------------------------------------------------------------------
@@ -155,7 +190,7 @@ def publish_stats(app: FastAPI) -> None:
 
 
 async def publish_stats_every(app: FastAPI, interval: float) -> None:
-    """The seed's cron job: refresh every dashboard viewer's stats periodically."""
+    """A cron-like job: refresh every dashboard viewer's stats periodically."""
     while True:
         await asyncio.sleep(interval)
         with contextlib.suppress(ServiceNotRunningError):
@@ -197,7 +232,7 @@ def create_app(
             with contextlib.suppress(asyncio.CancelledError):
                 await ticker
 
-    app = FastAPI(title="fastapi-sse example", lifespan=lifespan)
+    app = FastAPI(title="fastapi-sse-channels example", lifespan=lifespan)
     app.state.store = Store()
     app.state.admin_token = admin_token or os.environ.get("EXAMPLE_ADMIN_TOKEN", "dev-admin-token")
     app.include_router(
@@ -212,6 +247,7 @@ def create_app(
         prefix="/sse",
     )
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.add_middleware(BodyLimit)
     # Open streams leave the route's frames behind: about 10 KiB less per connection.
     app.add_middleware(SSEMiddleware)
 
@@ -221,6 +257,7 @@ def create_app(
 
     @app.post("/login")
     async def login(request: Request) -> Response:
+        # The body is at most MAX_BODY_BYTES (BodyLimit).
         form = parse_qs((await request.body()).decode(errors="replace"))
         user = (form.get("user_id") or [""])[0].strip()
         if not USER_ID.fullmatch(user):

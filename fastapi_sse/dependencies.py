@@ -12,6 +12,7 @@ from fastapi_sse import middleware
 from fastapi_sse.errors import ServiceNotRunningError
 from fastapi_sse.service import SSEService
 from fastapi_sse.settings import SSESettings, load_settings
+from fastapi_sse.startup_checks import check_startup
 
 STATE_KEY = "sse"
 
@@ -47,6 +48,7 @@ def sse_lifespan(
             yield {STATE_KEY: running}
             return
         sse = service if service is not None else SSEService(settings if settings is not None else load_settings())
+        check_startup(sse, from_environment=service is None and settings is None)
         await sse.start()
         sse.install_signal_handlers()
         uninstall = middleware.install(app, hand_off=sse.settings.stream_outside_route)

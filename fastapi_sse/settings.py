@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import difflib
+import importlib
 import re
 import warnings
 from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from fastapi_sse.errors import SettingsError
 
@@ -23,8 +25,13 @@ class SSESettings(BaseSettings):
 
     Build one with keyword arguments in code, or let the service read the
     environment (and the ``.env`` file you name with ``_env_file=``) when it starts.
+    A keyword that names no setting raises :class:`SettingsError` naming the closest
+    one; an ``SSE_*`` variable that names none is ignored, and the service warns about
+    it when it starts.
     """
 
+    # "ignore", not "forbid": forbid would also refuse the app's start over any stray
+    # SSE_* variable or .env line; unknown keywords are refused in settings_customise_sources.
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
 
     heartbeat_interval: float = Field(
@@ -228,6 +235,32 @@ class SSESettings(BaseSettings):
             )
         return value
 
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        unknown = sorted(set(init_settings()) - set(cls.model_fields))
+        if unknown:
+            raise SettingsError("; ".join(_unknown_keyword(name, list(cls.model_fields)) for name in unknown))
+        return init_settings, env_settings, dotenv_settings, file_secret_settings
+
+    @field_validator("backend")
+    @classmethod
+    def _backend_installed(cls, value: str) -> str:
+        if value == "redis":
+            try:
+                importlib.import_module("redis.asyncio")
+            except ImportError:
+                raise ValueError(
+                    "the redis backend needs redis-py: pip install 'fastapi-sse-channels[redis]'"
+                ) from None
+        return value
+
     @field_validator("channel_pattern")
     @classmethod
     def _compiles(cls, value: str) -> str:
@@ -236,6 +269,12 @@ class SSESettings(BaseSettings):
         except re.error as exc:
             raise ValueError(f"not a valid regular expression: {exc}") from None
         return value
+
+
+def _unknown_keyword(name: str, fields: list[str]) -> str:
+    closest = difflib.get_close_matches(name, fields, n=1, cutoff=0.6)
+    hint = f": did you mean {closest[0]!r}?" if closest else f" (the settings: {', '.join(fields)})"
+    return f"SSESettings has no setting {name!r}{hint}"
 
 
 def load_settings(**overrides: Any) -> SSESettings:

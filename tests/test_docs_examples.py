@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
+import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +16,7 @@ from types import ModuleType
 
 import httpx
 import pytest
-from conftest import ROOT, serve
+from conftest import ROOT, free_port, serve, wait_for_port
 from helpers.apps import router_app
 from helpers.streams import open_stream
 
@@ -92,6 +95,16 @@ def test_testing_helpers_skip_frames_a_browser_does_not_dispatch() -> None:
         assert [e.event for e in events.events(2)] == ["orderShipped", "orderShipped"]
 
 
+def test_httpx_sse_sees_the_opening_as_the_non_browser_clients_page_says() -> None:
+    with serve(minimal.app) as served, open_stream(f"{served.url}/subscribe?channel=a", opened=False) as s:
+        retry, cursor = s.next_frame(), s.next_frame()
+    assert (retry.event, retry.data, retry.retry) == ("message", "", 3000)
+    assert (cursor.event, cursor.data, cursor.id) == ("message", "", "0")
+    page = (DOCS / "non-browser-clients.md").read_text()
+    assert "`message` event with empty `data`, `retry=3000`" in page
+    assert '`message` event with empty `data`, `id="0"`' in page
+
+
 def test_open_event_stream_reports_a_refused_stream() -> None:
     with (
         live_server(minimal.app) as url,
@@ -101,18 +114,79 @@ def test_open_event_stream_reports_a_refused_stream() -> None:
         pass
 
 
-def test_readme_starts_with_make_run_and_make_test() -> None:
-    first, second = (ROOT / "README.md").read_text().splitlines()[:2]
-    assert first.split()[:2] == ["make", "run"]
-    assert second.split()[:2] == ["make", "test"]
+def readme_blocks(language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+
+
+def test_readme_says_what_and_why_then_install_quick_start_and_the_two_commands() -> None:
+    lines = (ROOT / "README.md").read_text().splitlines()
+    headings = [line for line in lines if line.startswith("## ")]
+    assert headings[:4] == ["## Why", "## Install", "## Quick start", "## Working on the project"]
+    make_run = next(i for i, line in enumerate(lines) if line.startswith("make run "))
+    assert lines[make_run + 1].startswith("make test ")
+    assert make_run < 100, "the two commands are within the first two screens"
+
+
+def test_readme_figures_are_those_of_the_performance_page() -> None:
+    readme = (ROOT / "README.md").read_text()
+    why = readme[readme.index("## Why") : readme.index("## Install")]
+    figures = re.findall(r"\b\d[\d,.]*\d\b", why.replace("2-core", "").replace("0.120.1", ""))
+    # Thousands separators aside (the tables write 63535.4, the README 63,535).
+    performance = (DOCS / "performance.md").read_text().replace(",", "")
+    assert figures, "the comparison quotes measured figures"
+    assert [f for f in figures if f.replace(",", "") not in performance] == []
 
 
 def test_readme_usage_is_the_tested_minimal_example() -> None:
-    assert (EXAMPLES / "minimal.py").read_text() in (ROOT / "README.md").read_text()
+    assert (EXAMPLES / "minimal.py").read_text() in readme_blocks("python")
 
 
-def test_readme_leaves_a_spot_for_the_screenshot() -> None:
-    assert "(docs/img/example-page.png)" in (ROOT / "README.md").read_text()
+def test_readme_quick_start_runs_as_written(tmp_path: Path) -> None:
+    """The install line brings uvicorn; the app file, the uvicorn command and the two
+    curl lines, run as the README shows them (on a free port), print the event shown."""
+    (install,) = readme_blocks("sh")[0].splitlines()
+    assert install.split("#")[0].split() == ["pip", "install", '"fastapi-sse-channels[server]"']
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "fastapi_sse").symlink_to(ROOT / "fastapi_sse")
+    (tmp_path / "app.py").write_text(readme_blocks("python")[0])
+    (command,) = readme_blocks("sh")[1].splitlines()
+    subscribe, publish = readme_blocks("sh")[2].splitlines()
+    expected = readme_blocks("text")[0]
+    port = free_port()
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("SSE_")}, "PYTHONPATH": str(tmp_path / "lib")}
+    bin_dir = Path(sys.executable).parent
+    server = subprocess.Popen(
+        [str(bin_dir / command.split()[0]), *command.split()[1:], "--port", str(port)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(port, proc=server)
+        here = f"127.0.0.1:{port}"
+        # curl ends by itself at --max-time: every read below has a deadline.
+        curl = [*shlex.split(subscribe.replace("127.0.0.1:8000", here)), "--silent", "--max-time", "20"]
+        with subprocess.Popen(curl, stdout=subprocess.PIPE, text=True) as stream:
+            assert stream.stdout is not None
+            got = [stream.stdout.readline() for _ in range(4)]  # the opening, before publishing
+            assert (
+                subprocess.run(shlex.split(publish.replace("127.0.0.1:8000", here)), capture_output=True).returncode
+                == 0
+            )
+            got += [stream.stdout.readline() for _ in range(4)]
+            stream.kill()
+        assert "".join(got).rstrip("\n") == expected.rstrip("\n")
+    finally:
+        server.terminate()
+        server.wait(15)
+
+
+def test_readme_screenshot_path_works_on_github_below_the_quick_start() -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert "(/docs/img/example-page.png)" in readme
+    assert readme.index("(/docs/img/example-page.png)") > readme.index("make test")
+    assert (ROOT / "docs" / "img" / "example-page.png").is_file()
 
 
 def test_settings_table_has_every_field_with_its_env_var_and_description() -> None:
@@ -121,8 +195,10 @@ def test_settings_table_has_every_field_with_its_env_var_and_description() -> No
     assert len(rows) == len(SSESettings.model_fields)
     for name, field in SSESettings.model_fields.items():
         row = rows[f"SSE_{name.upper()}"]
+        cells = [cell.strip() for cell in row.strip("|").split(" | ")]
+        assert cells[1] == f"`{name}`", name
+        assert cells[3].strip("`").replace("_", "") == str(field.get_default()).replace("_", ""), name
         assert (field.description or "").replace("|", "\\|") in row, name
-        assert str(field.get_default()) in row, name
 
 
 def test_the_configuration_page_asks_for_the_generated_table() -> None:
@@ -148,8 +224,11 @@ def test_every_snippet_section_exists_and_every_section_is_shown() -> None:
 
 
 def test_every_example_module_is_exercised_by_a_test() -> None:
-    tests = (ROOT / "tests" / "test_seed_examples.py").read_text() + Path(__file__).read_text()
-    modules = {p.stem for p in EXAMPLES.glob("*.py")} - {"auth"}
+    tests = "".join(
+        (ROOT / "tests" / name).read_text() for name in ("test_api_examples.py", "test_examples_standalone.py")
+    )
+    tests += Path(__file__).read_text()
+    modules = {p.stem for p in EXAMPLES.glob("*.py")}
     untested = {m for m in modules if not re.search(rf"\b{m}\.(app|settings|\w+)\b", tests)}
     assert untested == set()
 
@@ -178,6 +257,48 @@ def test_the_site_builds_without_warnings(tmp_path: Path) -> None:
     assert "send_hello" in message_format
     reference = (tmp_path / "reference" / "index.html").read_text()
     assert [name for name in fastapi_sse.__all__ if f'id="fastapi_sse.{name}"' not in reference] == []
+    documented = re.findall(r'id="fastapi_sse\.([\w.]+)"', reference)
+    # In the order an app meets them, and none of the internals.
+    first = ["create_sse_router", "allow_all", "SSEDep", "get_sse"]
+    assert documented[:4] == first
+    assert documented.index("SSEService.add_client") < documented.index("SSESettings")
+    internal = {"push", "take", "take_frames", "wake", "mark_closed", "enforce_identity_limit"}
+    internal |= {"announce", "withdraw", "peers", "claim", "release", "expire", "publish_nowait"}
+    assert [name for name in documented if name.rpartition(".")[2] in internal] == []
+
+
+@pytest.mark.browser
+def test_the_configuration_table_breaks_no_name_mid_word(tmp_path: Path) -> None:
+    # Imported here: the rest of this file runs without Playwright installed.
+    from playwright.sync_api import sync_playwright
+
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "mkdocs"), "build", "--strict", "--site-dir", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={"NO_MKDOCS_2_WARNING": "1", "PATH": str(Path(sys.executable).parent)},
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    chromium = shutil.which("chromium") or "/usr/bin/chromium"
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        try:
+            for width in (1280, 760):
+                page = browser.new_page(viewport={"width": width, "height": 900})
+                page.goto((tmp_path / "configuration" / "index.html").as_uri())
+                header = page.locator("table").first.locator("th").all_inner_texts()
+                assert header == ["Environment variable", "Keyword", "Type", "Default", "Description"]
+                # An inline element that wraps has one client rectangle per line.
+                broken = page.evaluate(
+                    """[...document.querySelectorAll("td:nth-child(-n+2) code")]
+                        .filter((c) => c.getClientRects().length > 1).map((c) => c.textContent)"""
+                )
+                assert broken == [], width
+                page.close()
+        finally:
+            browser.close()
 
 
 def test_router_hooks_example_resolves_the_user_once_for_every_hook() -> None:

@@ -1,14 +1,25 @@
 import time
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, HTTPException, Request
 
-from docs.examples.auth import CurrentUser
 from fastapi_sse import SSEDep, SSEResponse, SSEService, sse_lifespan
 
 app = FastAPI(lifespan=sse_lifespan())
 TEAMS = {"alice": "red", "bob": "blue"}
 UNREAD = {"alice": 3}
+
+
+# Demo sign-in: the user id comes from an X-User-Id header. Put your real
+# authentication here (a verified session cookie or token).
+def current_user(request: Request) -> str:
+    user = request.headers.get("x-user-id")
+    if not user or not user.isalnum():
+        raise HTTPException(401, "sign in first")
+    return user
+
+
+CurrentUser = Annotated[str, Depends(current_user)]
 
 
 # --8<-- [start:specific-channels]

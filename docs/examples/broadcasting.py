@@ -1,15 +1,26 @@
 import itertools
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import BackgroundTasks, FastAPI
+from fastapi import BackgroundTasks, Depends, FastAPI, HTTPException, Request
 from pydantic import BaseModel
 
-from docs.examples.auth import CurrentUser
 from fastapi_sse import SSEDep, SSEResponse, SSEService, sse_lifespan
 
 app = FastAPI(lifespan=sse_lifespan())
 messages: list[dict[str, Any]] = []  # stands in for a database table
 message_ids = itertools.count(1)
+
+
+# Demo sign-in: the user id comes from an X-User-Id header. Put your real
+# authentication here (a verified session cookie or token).
+def current_user(request: Request) -> str:
+    user = request.headers.get("x-user-id")
+    if not user or not user.isalnum():
+        raise HTTPException(401, "sign in first")
+    return user
+
+
+CurrentUser = Annotated[str, Depends(current_user)]
 
 
 @app.get("/events", response_class=SSEResponse)

@@ -1,10 +1,18 @@
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 
-from docs.examples.auth import current_user
 from fastapi_sse import create_sse_router
 
 # Which teams each user belongs to (your database answers this).
 TEAMS = {"alice": {"red"}, "bob": {"blue"}}
+
+
+# Demo sign-in: the user id comes from an X-User-Id header. Put your real
+# authentication here (a verified session cookie or token).
+def current_user(request: Request) -> str:
+    user = request.headers.get("x-user-id")
+    if not user or not user.isalnum():
+        raise HTTPException(401, "sign in first")
+    return user
 
 
 def can_access_channel(request: Request, channel: str) -> bool:

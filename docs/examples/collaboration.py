@@ -1,15 +1,26 @@
 import time
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException, Request
 from pydantic import BaseModel
 
-from docs.examples.auth import CurrentUser
 from fastapi_sse import SSEDep, SSEResponse, sse_lifespan
 
 app = FastAPI(lifespan=sse_lifespan())
 DOCUMENT_READERS = {"roadmap": {"alice", "bob"}}  # who may open which document
 changes: dict[str, list[Any]] = {}
+
+
+# Demo sign-in: the user id comes from an X-User-Id header. Put your real
+# authentication here (a verified session cookie or token).
+def current_user(request: Request) -> str:
+    user = request.headers.get("x-user-id")
+    if not user or not user.isalnum():
+        raise HTTPException(401, "sign in first")
+    return user
+
+
+CurrentUser = Annotated[str, Depends(current_user)]
 
 
 def check_document_access(user_id: str, doc_id: str) -> bool:

@@ -17,7 +17,7 @@ app = FastAPI()
 app.include_router(create_sse_router(authorize=allow_all, admin_dependencies=[Depends(require_admin)]))
 
 
-# The seed's statistics, computed from get_clients()
+# Statistics of your own, computed from get_clients()
 @app.get("/admin/summary", dependencies=[Depends(require_admin)])
 async def connections(sse: SSEDep) -> dict[str, Any]:
     clients = sse.get_clients()

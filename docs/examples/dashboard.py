@@ -9,7 +9,7 @@ from pydantic import BaseModel
 
 from fastapi_sse import SSEDep, SSEResponse, get_sse_from_app, sse_lifespan
 
-STATS_INTERVAL = 30.0  # seconds; the seed's "*/30 * * * * *" cron
+STATS_INTERVAL = 30.0  # seconds, like a "*/30 * * * * *" cron job
 orders: list[dict[str, Any]] = []  # stands in for the orders table
 
 

@@ -1,15 +1,38 @@
 import asyncio
 import uuid
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import BackgroundTasks, FastAPI
+from fastapi import BackgroundTasks, Depends, FastAPI, HTTPException, Request
 from pydantic import BaseModel
 
-from docs.examples.auth import CurrentUser
-from fastapi_sse import SSEDep, SSEService, allow_all, create_sse_router
+from fastapi_sse import SSEDep, SSEService, create_sse_router
+
+
+# Demo sign-in: the user id comes from an X-User-Id header. Put your real
+# authentication here (a verified session cookie or token).
+def current_user(request: Request) -> str:
+    user = request.headers.get("x-user-id")
+    if not user or not user.isalnum():
+        raise HTTPException(401, "sign in first")
+    return user
+
+
+CurrentUser = Annotated[str, Depends(current_user)]
+
+
+def user_channel(request: Request) -> list[str]:
+    """Each stream gets its own user's channel, from the sign-in (never from the query)."""
+    return [f"user:{current_user(request)}"]
+
+
+def no_other_channel(request: Request, channel: str) -> bool:
+    """A ?channel= beyond the user's own is refused (HTTP 403)."""
+    return False
+
 
 app = FastAPI()
-app.include_router(create_sse_router(authorize=allow_all))
+# GET /subscribe opens a stream on the signed-in user's channel.
+app.include_router(create_sse_router(authorize=no_other_channel, default_channels=user_channel))
 
 
 async def process_item(item: Any) -> None:

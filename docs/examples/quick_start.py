@@ -1,9 +1,22 @@
-from fastapi import FastAPI
+from typing import Annotated
 
-from docs.examples.auth import CurrentUser
+from fastapi import Depends, FastAPI, HTTPException, Request
+
 from fastapi_sse import SSEDep, SSEResponse, sse_lifespan
 
 app = FastAPI(lifespan=sse_lifespan())  # settings come from SSE_* variables
+
+
+# Demo sign-in: the user id comes from an X-User-Id header. Put your real
+# authentication here (a verified session cookie or token).
+def current_user(request: Request) -> str:
+    user = request.headers.get("x-user-id")
+    if not user or not user.isalnum():
+        raise HTTPException(401, "sign in first")
+    return user
+
+
+CurrentUser = Annotated[str, Depends(current_user)]
 
 
 # Create the SSE endpoint

@@ -26,25 +26,33 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def _rows(model: type[BaseModel], prefix: str) -> list[str]:
+def _default(value: Any) -> str:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 10_000:
+        return f"{value:_}"  # 262_144, as the keyword takes it
+    return str(value)
+
+
+def _rows(model: type[BaseModel], prefix: str, keyword: str = "") -> list[str]:
     rows = []
     for name, field in model.model_fields.items():
         env = f"{prefix}{name.upper()}"
         annotation = field.annotation
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             # A nested section is reached through a double underscore (SSE_REDIS__URL).
-            rows += _rows(annotation, env + "__")
+            rows += _rows(annotation, env + "__", f"{keyword}{name}.")
             continue
-        default = field.get_default(call_default_factory=True)
-        rows.append(
-            f"| `{env}` | {_type_name(annotation)} | `{_cell(str(default))}` | {_cell(field.description or '')} |"
-        )
+        default = _default(field.get_default(call_default_factory=True))
+        description = _cell(field.description or "")
+        rows.append(f"| `{env}` | `{keyword}{name}` | {_type_name(annotation)} | `{_cell(default)}` | {description} |")
     return rows
 
 
 def settings_table() -> str:
-    """The Markdown table: environment variable, type, default, description."""
-    header = ["| Environment variable | Type | Default | Description |", "|---|---|---|---|"]
+    """The Markdown table: environment variable, keyword of SSESettings, type, default, description."""
+    header = [
+        "| Environment variable | Keyword | Type | Default | Description |",
+        "|---|---|---|---|---|",
+    ]
     return "\n".join(header + _rows(SSESettings, ENV_PREFIX))
 
 

@@ -152,6 +152,8 @@ function wireButtons() {
 }
 
 async function main() {
+  // Operator commands address this server, wherever it runs.
+  document.querySelectorAll("[data-origin]").forEach((el) => { el.textContent = location.origin; });
   wireButtons();
   const state = await reloadState();
   if (state === null) {

@@ -1,5 +1,5 @@
-"""Every usage example of the seed, as the files under docs/examples/ show it,
-exercised through a real uvicorn server and a real SSE client."""
+"""Every usage example, as the files under docs/examples/ show it, exercised through
+a real uvicorn server and a real SSE client (and the client-side page in Chromium)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import httpx
 import pytest
 from conftest import Served, serve
 from helpers.streams import open_stream, raw_stream, soft_refusal
-from playwright.sync_api import sync_playwright
 
 from docs.examples import (
     basic_endpoint,
@@ -94,7 +93,11 @@ def test_client_side_page_and_its_stream(http: httpx.Client) -> None:
             assert (event.event, data(event)) == ("notification", {"message": "Hi"})
 
 
+@pytest.mark.browser
 def test_client_side_page_in_a_real_browser(http: httpx.Client) -> None:
+    # Imported here: the rest of this file runs without Playwright installed.
+    from playwright.sync_api import sync_playwright
+
     with serve(client_side.app) as served, sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         try:
@@ -146,22 +149,29 @@ def test_channel_subscriptions_check_access_for_every_requested_channel(http: ht
 
 
 def test_live_notifications_push_the_notification_and_the_unread_count(http: httpx.Client) -> None:
-    with serve(notifications.app) as served, open_stream(f"{served.url}/subscribe?channel=user:alice") as s:
-        created = http.post(
-            f"{served.url}/notifications", json={"title": "T", "body": "B"}, headers=as_user("alice")
-        ).json()
-        event = s.next_event()
-        assert event.event == "notification"
-        assert data(event) == {
-            "id": created["id"],
-            "title": "T",
-            "body": "B",
-            "type": "info",
-            "createdAt": created["created_at"],
-        }
-        http.post(f"{served.url}/notifications/{created['id']}/read", headers=as_user("alice"))
-        count = s.next_event()
-        assert (count.event, data(count)) == ("unreadCount", {"count": 0})
+    with serve(notifications.app) as served:
+        url = f"{served.url}/subscribe"
+        # The user's channel comes from the sign-in, never from the query.
+        assert http.get(url, params={"channel": "user:bob"}, headers=as_user("alice")).status_code == 403
+        assert http.get(url).status_code == 401
+        with open_stream(url, headers=as_user("alice")) as s:
+            (client,) = served.call(sse_of(served).get_clients)
+            assert client.channels == {"user:alice"}
+            created = http.post(
+                f"{served.url}/notifications", json={"title": "T", "body": "B"}, headers=as_user("alice")
+            ).json()
+            event = s.next_event()
+            assert event.event == "notification"
+            assert data(event) == {
+                "id": created["id"],
+                "title": "T",
+                "body": "B",
+                "type": "info",
+                "createdAt": created["created_at"],
+            }
+            http.post(f"{served.url}/notifications/{created['id']}/read", headers=as_user("alice"))
+            count = s.next_event()
+            assert (count.event, data(count)) == ("unreadCount", {"count": 0})
 
 
 def test_live_dashboard_initial_data_orders_and_periodic_stats(
@@ -200,7 +210,7 @@ def test_collaboration_checks_access_and_broadcasts_joins_and_changes(http: http
 
 
 def test_progress_updates_from_a_background_job(http: httpx.Client) -> None:
-    with serve(progress.app) as served, open_stream(f"{served.url}/subscribe?channel=user:alice") as s:
+    with serve(progress.app) as served, open_stream(f"{served.url}/subscribe", headers=as_user("alice")) as s:
         started = http.post(f"{served.url}/process", json={"data": ["a", "b"]}, headers=as_user("alice"))
         task_id = started.json()["taskId"]
         assert [(e.event, data(e)) for e in s.until_event("taskComplete")] == [
@@ -210,7 +220,7 @@ def test_progress_updates_from_a_background_job(http: httpx.Client) -> None:
         ]
 
 
-def test_message_format_is_exactly_the_seeds() -> None:
+def test_message_format_is_exactly_the_documented_frame() -> None:
     expected = b'id: msg-123\nevent: notification\ndata: {"message":"Hello"}\n\n'
     with serve(message_format.app) as served, raw_stream(served.port, "/hello") as raw:
         assert raw.read_until(expected).endswith(expected)
