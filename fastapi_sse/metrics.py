@@ -1,6 +1,6 @@
 """Prometheus metrics of a service, read from its counters when scraped.
 
-Needs the ``metrics`` extra (``pip install 'fastapi-sse[metrics]'``). Nothing here
+Needs the ``metrics`` extra (``pip install 'fastapi-sse-channels[metrics]'``). Nothing here
 runs on the publishing or writing path: the service keeps plain counters, and
 :class:`SSECollector` turns them into metric families at scrape time.
 """
@@ -15,7 +15,9 @@ try:
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
     from prometheus_client.registry import Collector
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
-    raise ImportError("fastapi_sse metrics need prometheus-client: pip install 'fastapi-sse[metrics]'") from exc
+    raise ImportError(
+        "fastapi_sse metrics need prometheus-client: pip install 'fastapi-sse-channels[metrics]'"
+    ) from exc
 
 from starlette.responses import Response
 

@@ -220,7 +220,7 @@ def test_route_dependencies_are_released_once_the_stream_opens() -> None:
             for i in range(5)
             for path in ("/subscribe", "/own")
         ]
-        assert pool.held == 0
+        wait_until(lambda: pool.held == 0, message="every stream's session closed")
         for i in range(5):
             server.call(sse.broadcast, f"user:u{i}", "note", {"to": i})
         assert [json.loads(s.next_event().data)["to"] for s in streams] == [i for i in range(5) for _ in range(2)]

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 from fastapi import Request
-from helpers.apps import fast_settings, router_app, seed_app, served
+from helpers.apps import fast_settings, own_route_app, router_app, served
 from helpers.streams import Stream, open_stream, parse, raw_stream, wait_until
 
 from fastapi_sse import GAP_EVENT
@@ -74,8 +74,8 @@ def test_header_wins_over_query(server: Any) -> None:
         assert stream.next_event().json() == 3
 
 
-def test_seed_pattern_resume_with_subscribe_after_add_client() -> None:
-    with served(seed_app()) as (srv, sse):
+def test_own_route_resume_with_subscribe_after_add_client() -> None:
+    with served(own_route_app()) as (srv, sse):
         with open_stream(srv.url + "/events", params={"user": "7"}) as first:
             srv.call(sse.broadcast, "user:7", "notification", {"n": 1}, "msg-123")
             assert first.next_event().id == "msg-123"

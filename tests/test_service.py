@@ -1,4 +1,4 @@
-"""The seed's API in Python form, exercised on a running service with real streams."""
+"""The public API, exercised on a running service with real streams."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 from fastapi import FastAPI, Request
-from helpers.apps import fast_settings, router_app, seed_app, served
+from helpers.apps import fast_settings, own_route_app, router_app, served
 from helpers.streams import open_stream, wait_until
 from sse_starlette.sse import EventSourceResponse
 
@@ -207,8 +207,8 @@ def test_stats_and_connection_counts(server: Any) -> None:
     assert cluster.total_connections == stats.total_connections
 
 
-def test_seed_pattern_endpoint() -> None:
-    with served(seed_app()) as (srv, sse), open_stream(srv.url + "/events", params={"user": "42"}) as stream:
+def test_own_route_endpoint() -> None:
+    with served(own_route_app()) as (srv, sse), open_stream(srv.url + "/events", params={"user": "42"}) as stream:
         wait_until(lambda: srv.call(sse.get_clients_by_channel, "user:42"))
         srv.call(sse.broadcast, "user:42", "notification", {"message": "You have a new message"})
         got = stream.next_event()
@@ -321,7 +321,7 @@ def test_app_without_service_explains_the_fix() -> None:
     assert "sse_lifespan" in str(info.value)
 
 
-def test_seed_pattern_in_a_sync_handler() -> None:
+def test_own_route_in_a_sync_handler() -> None:
     app = router_app()
 
     @app.get("/dashboard/live")
@@ -346,7 +346,7 @@ def test_remove_client_from_a_sync_handler_ends_the_stream(http: Any) -> None:
 
     @app.post("/kick/{client_id}")
     def kick(client_id: str, sse: SSEDep) -> bool:
-        # The seed's "limit connections per user" pattern, in a threadpool handler.
+        # The "limit connections per user" best practice, in a threadpool handler.
         return sse.remove_client(client_id)
 
     with served(app) as (srv, sse), open_stream(srv.url + "/subscribe", params={"channel": "k"}) as stream:
@@ -357,7 +357,7 @@ def test_remove_client_from_a_sync_handler_ends_the_stream(http: Any) -> None:
         assert http.post(f"{srv.url}/kick/{client.id}").json() is False
 
 
-def test_seed_methods_from_other_threads_run_on_the_services_loop(http: Any) -> None:
+def test_public_methods_from_other_threads_run_on_the_services_loop(http: Any) -> None:
     # Regression: called from a threadpool handler or a plain thread, these methods
     # completed the streams' asyncio futures off their loop (asyncio's debug mode
     # refuses that: "Non-thread-safe operation invoked on an event loop").

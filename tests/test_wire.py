@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import uuid
 from datetime import UTC, date, datetime
@@ -397,7 +398,8 @@ def test_data_that_is_not_json_is_refused(data: Any) -> None:
 
 def test_the_words_nan_and_infinity_inside_json_are_fine() -> None:
     assert encode_data({"NaN": "Infinity", "s": "-Infinity NaN"}) == '{"NaN":"Infinity","s":"-Infinity NaN"}'
-    assert encode_data([1.5, -2e300, 0.0]) == "[1.5,-2e+300,0.0]"
+    # Large numbers are fine too (their exact spelling, -2e300 or -2e+300, varies by pydantic version).
+    assert json.loads(encode_data([1.5, -2e300, 0.0])) == [1.5, -2e300, 0.0]
     assert encode_data(Text("NaN")) == "NaN"
 
 

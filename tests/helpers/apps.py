@@ -1,4 +1,4 @@
-"""Test apps built the way users build them: the router factory, or the seed's pattern."""
+"""Test apps built the way users build them: the router factory, or a route of the app's own."""
 
 from __future__ import annotations
 
@@ -32,8 +32,8 @@ def router_app(settings: SSESettings | None = None, **router_kwargs: Any) -> Fas
     return app
 
 
-def seed_app(settings: SSESettings | None = None) -> FastAPI:
-    """The seed's own endpoint: ``add_client`` then ``subscribe`` inside the handler."""
+def own_route_app(settings: SSESettings | None = None) -> FastAPI:
+    """An endpoint of the app's own: ``add_client`` then ``subscribe`` inside the handler."""
     app = FastAPI(lifespan=sse_lifespan(settings or fast_settings()))
 
     @app.get("/events")
