@@ -419,6 +419,7 @@ def versions() -> dict[str, str]:
     found = {"python": sys.version.split()[0]}
     for name in ("fastapi", "starlette", "sse-starlette", "uvicorn", "uvloop", "httptools", "pydantic-core"):
         found[name] = version(name)
+    found.update(peers.versions())
     return found
 
 

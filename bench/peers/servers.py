@@ -9,6 +9,8 @@ script under ``bench/peers/node``, whose ``node_modules`` come from ``npm ci``).
 
 from __future__ import annotations
 
+import contextlib
+import json
 import shutil
 import subprocess
 import sys
@@ -84,3 +86,19 @@ def missing(target: str) -> str | None:
         if done.returncode:
             return f"npm ci failed in {NODE_DIR}: {done.stderr.strip()[-500:]}"
     return None
+
+
+def versions() -> dict[str, str]:
+    """The versions of the peers' servers and libraries found here."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found: dict[str, str] = {}
+    for name in ("aiohttp", "aiohttp-sse", "granian", "hypercorn"):
+        with contextlib.suppress(PackageNotFoundError):
+            found[name] = version(name)
+    if shutil.which("node"):
+        found["node"] = subprocess.run(["node", "--version"], capture_output=True, text=True).stdout.strip()
+    package = NODE_DIR / "node_modules" / "better-sse" / "package.json"
+    if package.is_file():
+        found["better-sse"] = json.loads(package.read_text())["version"]
+    return found
