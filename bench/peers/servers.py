@@ -54,7 +54,9 @@ def command(target: str, port: int, workers: int = 1) -> list[str]:
         return [*python, "uvicorn", target, *options.split(), "--log-level", "warning"]
     if server == "granian":
         options = f"--interface asgi --host 127.0.0.1 --port {port} --loop uvloop --http 1 --no-ws --workers 1"
-        return [*python, "granian", *options.split(), "--backlog", "8192", "--log-level", "warning", rest]
+        # Granian serves at most --backpressure requests at once (default: the backlog, 8192).
+        limits = ["--backlog", "8192", "--backpressure", "100000", "--log-level", "warning"]
+        return [*python, "granian", *options.split(), *limits, rest]
     if server == "hypercorn":
         options = f"--bind 127.0.0.1:{port} --worker-class uvloop --workers 1 --backlog 8192"
         return [*python, "hypercorn", *options.split(), "--log-level", "warning", rest]
