@@ -45,7 +45,11 @@ def table(raw: dict[str, Any], against: str) -> str:
             lines += ["", f"**{scenario} {label}**", ""]
             lines.append("| app | runs | " + " | ".join(title for _, title, _, _ in keys) + " |")
             lines.append("|---|---:|" + "---:|" * len(keys))
-            base = {k: statistics.median(r[k] for r in apps[against]) for k, *_ in keys} if against in apps else {}
+            base = {
+                k: statistics.median(r[k] for r in apps[against])
+                for k, *_ in keys
+                if against in apps and all(k in r for r in apps[against])
+            }
             for app, rows in apps.items():
                 cells = []
                 for key, _, scale, form in keys:
