@@ -205,7 +205,7 @@ def run(args: argparse.Namespace, failures: list[str]) -> dict[str, Any]:
             # Rotate the order of the apps: none always runs first on a cold machine.
             order = apps[repeat % len(apps) :] + apps[: repeat % len(apps)]
             for app in order:
-                if not peers.applies(app, scenario):
+                if not peers.applies(app, scenario, smoke=args.smoke):
                     continue
                 what = f"{scenario:9} {label:>9} {app:15} run {repeat + 1}"
                 with server(app, env_for(app, extra, args.tune_gc)) as port:

@@ -36,7 +36,16 @@ SCENARIOS: dict[str, set[str]] = {
 no heartbeats; the peers are compared on fan-out, the per-user pattern and memory)."""
 
 
-def applies(app: str, scenario: str) -> bool:
+CORE = {"ours", "straightforward", "builtin"}
+"""The apps the smoke run measures in every scenario; the others, only in ``SMOKE``."""
+
+SMOKE = {"paced", "users", "idle"}
+"""Enough to keep every route of the peers working, in seconds."""
+
+
+def applies(app: str, scenario: str, *, smoke: bool = False) -> bool:
+    if smoke and app not in CORE and scenario not in SMOKE:
+        return False
     return scenario in SCENARIOS.get(app, {scenario})
 
 
