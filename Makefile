@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install system-deps run test lint typecheck check bench bench-smoke docs clean
+.PHONY: install system-deps js-deps run test lint typecheck check bench bench-smoke docs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,10 +28,17 @@ system-deps:
 		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server chromium chromium-driver >/dev/null; \
 		else echo "install redis-server and chromium (sudo apt-get install redis-server chromium)"; exit 1; fi; }
 
+# The real EventSource client some tests drive (npm's eventsource), from its lock file.
+js-deps: tests/js/node_modules/.package-lock.json
+
+tests/js/node_modules/.package-lock.json: tests/js/package.json tests/js/package-lock.json
+	@command -v npm >/dev/null || { echo "install Node.js 20 or newer with npm: the EventSource tests run on it"; exit 1; }
+	npm ci --prefix tests/js --no-audit --no-fund
+
 run: $(VENV)/.installed-run
 	$(BIN)/uvicorn example_app.main:app --host $(HOST) --port $(PORT)
 
-test: install system-deps
+test: install system-deps js-deps
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy

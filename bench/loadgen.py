@@ -408,6 +408,78 @@ async def run_heartbeat(load: Load, spec: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+async def run_publish_burst(load: Load, spec: dict[str, Any]) -> dict[str, Any]:
+    """One worker on Redis, one stream per ``user:<k>`` channel: a burst of fire-and-forget
+    ``broadcast`` calls (the library), then the same work awaited one publish at a time
+    (the old outbox); the floor (the library's own script run from a bare redis-py
+    pipeline with its arguments built in advance: what Redis does for these events) is
+    measured just before and just after the burst, and averaged."""
+    n, users, events = spec["clients"], spec["users"], spec["events"]
+    tally = load.tally
+    deadline = spec.get("deadline", 120.0)
+    # Without streams the worker only publishes (and listens to nothing).
+    result = await connect_idle(load, spec, [f"/sse?channel=user:{k}" for k in range(n)]) if n else {"clients": 0}
+
+    async def burst(label: str, count: int, start: int, one_at_a_time: bool) -> dict[str, Any]:
+        params = {"label": label, "n": count, "users": users, "size": spec["size"], "start": start}
+        await load.post("/publish_burst", one_at_a_time=int(one_at_a_time), **params)
+        end = time.monotonic() + deadline
+        while not (figures := (await load.http.get("/publish_burst", params={"label": label})).json()):
+            if time.monotonic() > end:
+                raise TimeoutError(f"the {label} burst did not finish in {deadline}s")
+            await asyncio.sleep(0.02)
+        figures_: dict[str, Any] = figures
+        return figures_
+
+    # The floor just before and just after the library (the machine's load drifts).
+    floor_before = await floor_rate(spec, events, 20_000_000) if spec.get("floor", True) else float("nan")
+    library = await burst("library", events, 0, False)
+    if n:
+        # Until every stored event of the burst arrived (the floor's are counted apart);
+        # what did not arrive by the deadline is reported as lost.
+        end = time.monotonic() + deadline
+        while time.monotonic() < end:
+            if sum(1 for i in tally.counts if i < events) >= library["stored"]:
+                break
+            await asyncio.sleep(0.1)
+    counts = [tally.counts.get(i, 0) for i in range(events)]
+    delivered = sum(1 for c in counts if c)
+    baseline = await burst("baseline", spec["baseline_events"], 10_000_000, True)
+    floor_after = await floor_rate(spec, events, 30_000_000) if spec.get("floor", True) else float("nan")
+    floor_per_s = (floor_before + floor_after) / 2
+    publish_per_s = events / library["seconds"]
+    baseline_per_s = spec["baseline_events"] / baseline["seconds"]
+    result.update(
+        {
+            "publish_per_s": publish_per_s,
+            "stored": library["stored"],
+            "delivered": delivered,
+            "duplicates": sum(c - 1 for c in counts if c > 1),
+            "lost": events - delivered if n else events - library["stored"],
+            "publish_failures": library["publish_failures"],
+            "baseline_per_s": baseline_per_s,
+            "floor_per_s": floor_per_s,
+            "vs_floor": publish_per_s / floor_per_s,
+            "vs_baseline": publish_per_s / baseline_per_s,
+        }
+    )
+    return result
+
+
+async def floor_rate(spec: dict[str, Any], events: int, start: int) -> float:
+    """Events/s of the floor (``bench/redis_floor.py``), run in its own process while
+    this one keeps reading the streams."""
+    floor = {**spec, "events": events, "start": start}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench.redis_floor", json.dumps(floor), stdout=asyncio.subprocess.PIPE
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), spec.get("deadline", 120.0))
+    if proc.returncode:
+        raise RuntimeError(f"the floor failed with {proc.returncode}")
+    rate: float = json.loads(out)
+    return rate
+
+
 SCENARIOS = {
     "fanout": run_fanout,
     "paced": run_paced,
@@ -415,6 +487,7 @@ SCENARIOS = {
     "single": run_single,
     "stalled": run_stalled,
     "heartbeat": run_heartbeat,
+    "publish_burst": run_publish_burst,
     "idle": lambda load, spec: connect_idle(load, spec, ["/sse?channel=bench"] * spec["clients"]),
 }
 

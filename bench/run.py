@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import itertools
 import json
 import os
 import resource
@@ -220,7 +221,53 @@ def run(args: argparse.Namespace, failures: list[str]) -> dict[str, Any]:
         partial.write_text(json.dumps({"raw": raw, "failures": failures}, indent=1))
     if not wanted or "redis" in wanted:
         raw.update(run_redis(args, timeout, failures))
+    if not wanted or "redis_burst" in wanted:
+        raw.update(run_redis_burst(args, timeout, failures))
     return raw
+
+
+def run_redis_burst(args: argparse.Namespace, timeout: float, failures: list[str]) -> dict[str, Any]:
+    """The "Redis publish burst": one worker on Redis, one stream per ``user:<k>`` channel
+    (the load client's raw sockets count what each receives), 100,000 fire-and-forget
+    ``broadcast`` calls; beside it, in the same run, the same events published one
+    awaited call at a time (the old outbox) and the library's script run from a bare
+    redis-py pipeline (the floor)."""
+    if importlib.util.find_spec("fastapi_sse.backends.redis") is None:
+        print("  redis_burst skipped: fastapi_sse.backends.redis is not available in this checkout", flush=True)
+        return {}
+    users, events, baseline = (20, 200, 50) if args.smoke else (5000, 100_000, 20_000)
+    redis = start_redis()
+    out: dict[str, Any] = {"redis_burst": {}}
+    try:
+        for repeat, streams in itertools.product(range(args.repeats), (users, 0)):
+            # With a stream per channel (the scenario), and without any: publishing alone.
+            label = f"{streams}x{events}"
+            prefix = f"bench:{repeat}:{time.time_ns()}:"
+            env = {"SSE_BACKEND": "redis", "SSE_REDIS_URL": redis.url, "SSE_REDIS_KEY_PREFIX": prefix}
+            what = f"redis_burst {label:>9} {'ours':15} run {repeat + 1}"
+            with server("ours", {**env_for("ours", {}, args.tune_gc), **env}) as port:
+                spec = {
+                    "scenario": "publish_burst",
+                    "clients": streams,
+                    "users": users,
+                    "events": events,
+                    "baseline_events": baseline,
+                    "size": 64,
+                    "host": "127.0.0.1",
+                    "port": port,
+                    "redis_url": redis.url,
+                    "redis_prefix": prefix,
+                    "deadline": timeout / 2,
+                }
+                result = measure(spec, timeout, what, failures)
+            if result is None:
+                continue
+            out["redis_burst"].setdefault(label, {}).setdefault("ours", []).append(result)
+            print(f"  {what}: {_brief(result)}", flush=True)
+    finally:
+        redis.proc.kill()
+        redis.proc.wait(10)
+    return out
 
 
 def _skipped(app: str) -> bool:
@@ -284,7 +331,21 @@ def run_redis(args: argparse.Namespace, timeout: float, failures: list[str]) -> 
 
 
 def _brief(result: dict[str, Any]) -> str:
-    keys = ("events_per_s", "one_broadcast_s", "latency_p99", "rss_per_conn", "cpu_fraction", "rss_growth")
+    keys = (
+        "events_per_s",
+        "one_broadcast_s",
+        "latency_p99",
+        "rss_per_conn",
+        "cpu_fraction",
+        "rss_growth",
+        "publish_per_s",
+        "floor_per_s",
+        "baseline_per_s",
+        "vs_floor",
+        "vs_baseline",
+        "lost",
+        "publish_failures",
+    )
     return " ".join(f"{k}={result[k]:.4g}" for k in keys if k in result)
 
 
@@ -301,6 +362,15 @@ COLUMNS = [
     ("rss_growth", "RSS growth MB", "mb"),
     ("cpu_fraction", "CPU %", "pct"),
     ("cpu_us_per_ping", "us/ping", "{:.1f}"),
+    ("publish_per_s", "publish/s", "{:,.0f}"),
+    ("stored", "stored", "{:,.0f}"),
+    ("delivered", "delivered", "{:,.0f}"),
+    ("lost", "lost", "{:,.0f}"),
+    ("publish_failures", "failures", "{:,.0f}"),
+    ("floor_per_s", "floor/s", "{:,.0f}"),
+    ("vs_floor", "x floor", "{:.2f}"),
+    ("baseline_per_s", "1-by-1/s", "{:,.0f}"),
+    ("vs_baseline", "x 1-by-1", "{:.1f}"),
     ("cpu_us_per_event", "CPU us/event", "{:.1f}"),
     ("heap_per_conn", "JS heap KB/conn", "kb"),
 ]
@@ -440,7 +510,9 @@ def main() -> None:
     parser.add_argument("--sizes", default="", help="fan-out subscriber counts, comma-separated")
     parser.add_argument("--apps", default=",".join(APPS), help="apps to measure, comma-separated")
     parser.add_argument(
-        "--scenarios", default="", help="only these scenarios (fanout,paced,users,single,idle,stalled,heartbeat,redis)"
+        "--scenarios",
+        default="",
+        help="only these scenarios (fanout,paced,users,single,idle,stalled,heartbeat,redis,redis_burst)",
     )
     parser.add_argument(
         "--tune-gc", action=argparse.BooleanOptionalAction, default=True, help="fastapi_sse.tune_gc() in our app"

@@ -1,6 +1,6 @@
 """Server-Sent Events for FastAPI: channels, broadcasting, replay and heartbeats."""
 
-from fastapi_sse.backends import Backend, MemoryBackend, Message, Replay
+from fastapi_sse.backends import Backend, MemoryBackend, Message, Publication, Replay
 from fastapi_sse.client import DisconnectReason, SSEClient
 from fastapi_sse.dependencies import SSEDep, get_sse, get_sse_from_app, sse_lifespan
 from fastapi_sse.errors import (
@@ -15,7 +15,7 @@ from fastapi_sse.errors import (
 )
 from fastapi_sse.hooks import Authorize, DefaultChannels, Identify, OnConnect
 from fastapi_sse.middleware import SSEMiddleware
-from fastapi_sse.response import SSEResponse
+from fastapi_sse.response import RefusedStream, SSEResponse
 from fastapi_sse.router import allow_all, create_sse_router
 from fastapi_sse.service import ALL_CHANNEL, GAP_EVENT, SSEService
 from fastapi_sse.settings import SSESettings, load_settings
@@ -40,6 +40,8 @@ __all__ = [
     "MemoryBackend",
     "Message",
     "OnConnect",
+    "Publication",
+    "RefusedStream",
     "Replay",
     "SSEClient",
     "SSEDep",

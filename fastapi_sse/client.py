@@ -44,6 +44,8 @@ class DisconnectReason:
     """The worker was cut off from a shared backend whose history lost events meanwhile."""
     BACKEND_UNAVAILABLE = "backend_unavailable"
     """The stream could not start: the shared backend did not answer."""
+    REFUSED = "refused"
+    """Refused for load, a limit or shutdown: told to come back later (``retry:``)."""
 
 
 class SSEClient:

@@ -126,7 +126,7 @@ class SSECollector(Collector):
         )
         yield counter(
             "publish_failures_total",
-            "Events lost at publish: refused by the backend or beyond publish_buffer_size.",
+            "Events lost at publish: refused by the backend or beyond publish_buffer_bytes.",
             counters.publish_failures,
         )
         backend = service.backend

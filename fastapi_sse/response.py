@@ -95,8 +95,7 @@ class SSEResponse(EventSourceResponse):
             try:
                 await service.enforce_identity_limit(client)
             except LimitExceededError as exc:
-                refusal = JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
-                await refusal(scope, receive, send)
+                await RefusedStream(client, service, exc)(scope, receive, send)
                 return
         attached = service._attach(client)
         try:
@@ -200,3 +199,31 @@ async def _send_chunks(send: Send, chunks: list[bytes]) -> None:
             batch, size = [], 0
     if batch:
         await send({"type": "http.response.body", "body": b"".join(batch), "more_body": True})
+
+
+class RefusedStream(SSEResponse):
+    """The answer to a stream refused for load, a limit or shutdown.
+
+    By default a 200 ``text/event-stream`` that carries this stream's ``retry:`` delay
+    and a comment naming the refusal, then ends: a browser's EventSource reconnects
+    after the delay (a non-200 answer would switch it off for good). With
+    ``hard_refusals`` the HTTP error itself (503 or 429, with ``Retry-After``).
+    """
+
+    def __init__(self, client: SSEClient, service: SSEService, error: LimitExceededError) -> None:
+        super().__init__(client, service)
+        self.error = error
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        error = self.error
+        if self.service.settings.hard_refusals:
+            refusal = JSONResponse({"detail": error.detail}, status_code=error.status_code, headers=error.headers)
+            await refusal(scope, receive, send)
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+        if scope.get("method") != "HEAD":
+            reason = str(error.detail).replace("\r", " ").replace("\n", " ")
+            body = self.service.retry_hint() + b": refused: " + reason.encode() + b"\n\n"
+            await send({"type": "http.response.body", "body": body, "more_body": False})
+        else:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -31,8 +31,14 @@ _STREAM_DOC: dict[int | str, dict[str, Any]] = {
     },
     400: {"description": "A channel name or the Last-Event-ID is malformed, or too many channels."},
     403: {"description": "The app's authorization refused one of the channels."},
-    429: {"description": "This identity has too many open streams (identity_limit_policy=refuse)."},
-    503: {"description": "The server is at max_connections, or shutting down."},
+    429: {
+        "description": "With hard_refusals only: this identity has too many open streams "
+        "(identity_limit_policy=refuse). By default the answer is a 200 stream that sets `retry:` and ends."
+    },
+    503: {
+        "description": "With hard_refusals only: the server is at max_connections, or shutting down. "
+        "By default the answer is a 200 stream that sets `retry:` and ends."
+    },
 }
 
 

@@ -7,19 +7,20 @@ import contextlib
 import importlib
 import logging
 import math
+import random
 import re
 import signal
 import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable
 from datetime import UTC, datetime
 from types import FrameType
 from typing import Any, TypeVar
 
 from fastapi_sse import middleware, wire
-from fastapi_sse.backends.base import Backend, Message
+from fastapi_sse.backends.base import Backend, Message, Publication
 from fastapi_sse.backends.memory import MemoryBackend
 from fastapi_sse.client import DisconnectReason, Frame, SSEClient
 from fastapi_sse.errors import (
@@ -31,7 +32,8 @@ from fastapi_sse.errors import (
     ServiceNotRunningError,
 )
 from fastapi_sse.publishing import Publisher
-from fastapi_sse.response import SSEResponse
+from fastapi_sse.replays import SharedReplays
+from fastapi_sse.response import RefusedStream, SSEResponse
 from fastapi_sse.settings import SSESettings, load_settings
 from fastapi_sse.stats import ConnectionStats, Counters
 from fastapi_sse.writer import Writer
@@ -42,11 +44,17 @@ ALL_CHANNEL = "$all"
 """Internal channel every client listens to; :meth:`SSEService.broadcast_all` uses it."""
 CLIENT_CHANNEL_PREFIX = "$client:"
 """Internal per-client channel; :meth:`SSEService.send_to` uses it."""
+IDENTITY_CHANNEL_PREFIX = "$identity:"
+"""Pseudo channel of an identity: the id of an event sent to one of its clients
+resolves through it when a client of that identity resumes (nothing is published on it)."""
 
 GAP_EVENT = "gap"
 """Name of the event a resuming client gets when history no longer covers its cursor."""
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+_DRAIN_STEP = 0.05
+"""Seconds between two waves of a drain, at the least."""
 
 _T = TypeVar("_T")
 
@@ -54,7 +62,17 @@ _T = TypeVar("_T")
 # payload is never empty).
 _CLOSE = b""
 
+EventSpec = tuple[str, str, Any] | tuple[str, str, Any, str | None]
+"""One event of :meth:`SSEService.publish_many`: ``(channel, event, data[, id])``."""
+
 _REMOTE_CLIENT_ID = re.compile(r"[0-9a-f]{12}\.[0-9a-f]{32}")
+
+
+def _readable(client: SSEClient) -> tuple[str, ...]:
+    """A client's channels and its identity's pseudo channel (ids resolve through them)."""
+    if client.identity is None:
+        return tuple(client.channels)
+    return (*client.channels, IDENTITY_CHANNEL_PREFIX + client.identity)
 
 
 def _client_channel(client_id: str) -> str:
@@ -93,7 +111,17 @@ class SSEService:
         self._streams: dict[str, SSEClient] = {}
         self._streams_done = asyncio.Event()
         self._streams_done.set()
-        self._publisher = Publisher(self.backend, self._counters, outbox_size=self.settings.publish_buffer_size)
+        # A shared backend's history is read once for the streams that resume together.
+        self._replays: Backend | SharedReplays = SharedReplays(self.backend) if self.backend.remote else self.backend
+        self._publisher = Publisher(
+            self.backend,
+            self._counters,
+            outbox_bytes=self.settings.publish_buffer_bytes,
+            outbox_events=self.settings.publish_buffer_size,
+            turn_bytes=self.settings.max_buffer_bytes // 4,
+            writer_busy=lambda: self._writer.busy,
+            writer_settled=lambda: self._writer.settled(),
+        )
         self._interest_pending: dict[str, bool] = {}
         self._interest_synced = asyncio.Condition()
         self._interest_generation = 0
@@ -103,7 +131,6 @@ class SSEService:
         # Clients whose identity holds a slot in the shared backend (claimed once).
         self._claimed: set[str] = set()
         self._announced = False
-        self._retry_frame = wire.retry_frame(self.settings.retry_interval)
         self._writer = Writer(self._sent)
 
     # -- lifecycle -----------------------------------------------------------------
@@ -116,6 +143,7 @@ class SSEService:
         self._loop_thread = threading.get_ident()
         self._publisher.start(self._loop)
         self.backend.lost = self._lost
+        self.backend.settle = self._writer.settled
         await self.backend.start(self._deliver)
         self._running = True
         self._closing = False
@@ -189,10 +217,33 @@ class SSEService:
         for client in list(self._clients.values()):
             self._close(client, DisconnectReason.SHUTDOWN, discard=False)
 
+    def drain(self) -> None:
+        """Like :meth:`shutdown`, but end the streams in waves over ``drain_window``
+        seconds, so that their reconnects reach the other workers at an even rate.
+        New connections are refused (told to come back later) from now on."""
+        if (loop := self._other_threads_loop()) is not None:
+            return _run_in(loop, self.drain)
+        window = self.settings.drain_window
+        if window <= 0 or not self._clients:
+            return self.shutdown()
+        self._closing = True
+        self._spawn(self._drain(list(self._clients.values()), window))
+
+    async def _drain(self, clients: list[SSEClient], window: float) -> None:
+        waves = max(1, min(len(clients), round(window / _DRAIN_STEP)))
+        size = math.ceil(len(clients) / waves)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        for wave in range(waves):
+            # Paced from the start, so that a slow wave does not stretch the window.
+            await asyncio.sleep(max(0.0, start + wave * window / waves - loop.time()))
+            for client in clients[wave * size : (wave + 1) * size]:
+                self._close(client, DisconnectReason.SHUTDOWN, discard=False)
+
     def install_signal_handlers(self) -> None:
-        """Close all streams as soon as SIGINT or SIGTERM arrives, then let the server's
-        own handler run. Without this, uvicorn waits for open streams before it runs
-        the app's shutdown. Does nothing outside the main thread."""
+        """Start the drain (:meth:`drain`) as soon as SIGINT or SIGTERM arrives, then let
+        the server's own handler run. Without this, uvicorn waits for open streams
+        before it runs the app's shutdown. Does nothing outside the main thread."""
         if threading.current_thread() is not threading.main_thread() or self._previous_handlers:
             return
         loop = self._loop
@@ -201,7 +252,7 @@ class SSEService:
 
             def handler(signum: int, frame: FrameType | None, previous: Any = previous) -> None:
                 if loop is not None and not loop.is_closed():
-                    loop.call_soon_threadsafe(self.shutdown)
+                    loop.call_soon_threadsafe(self.drain)
                 if callable(previous):
                     previous(signum, frame)
                 elif previous == signal.default_int_handler:  # pragma: no cover
@@ -243,9 +294,10 @@ class SSEService:
         if last_event_id is None:
             last_event_id = middleware.current_last_event_id()
         if self._closing:
-            self._counters.refused["shutdown"] += 1
-            raise LimitExceededError(
-                "shutdown", "the server is shutting down", 503, retry_after=math.ceil(settings.retry_interval)
+            return self._refuse(
+                LimitExceededError(
+                    "shutdown", "the server is shutting down", 503, retry_after=math.ceil(settings.retry_interval)
+                )
             )
         if last_event_id is not None:
             try:
@@ -254,25 +306,20 @@ class SSEService:
                 raise BadRequestError(str(exc)) from None
             last_event_id = last_event_id or None
         if len(self._clients) >= settings.max_connections:
-            self._counters.refused["max_connections"] += 1
-            raise LimitExceededError(
-                "max_connections",
-                f"too many open streams (max_connections={settings.max_connections})",
-                503,
-                retry_after=math.ceil(settings.retry_interval),
+            return self._refuse(
+                LimitExceededError(
+                    "max_connections",
+                    f"too many open streams (max_connections={settings.max_connections})",
+                    503,
+                    retry_after=math.ceil(settings.retry_interval),
+                )
             )
         # With a shared backend the limit holds across workers: enforce_identity_limit.
         if identity is not None and not self.backend.remote:
             existing = self._identities.get(identity)
             if existing is not None and len(existing) >= settings.max_connections_per_identity:
                 if settings.identity_limit_policy == "refuse":
-                    self._counters.refused["max_connections_per_identity"] += 1
-                    raise LimitExceededError(
-                        "max_connections_per_identity",
-                        f"too many open streams for this user "
-                        f"(max_connections_per_identity={settings.max_connections_per_identity})",
-                        429,
-                    )
+                    return self._refuse(self.identity_refusal())
                 while len(existing) >= settings.max_connections_per_identity:
                     oldest = next(iter(existing.values()))
                     self._close(oldest, DisconnectReason.REPLACED, discard=False)
@@ -293,6 +340,40 @@ class SSEService:
         self._counters.connects += 1
         middleware.opened(client, self._release_unstarted)
         return client, SSEResponse(client, self)
+
+    def identity_refusal(self) -> LimitExceededError:
+        """The error for a stream past ``max_connections_per_identity`` (``refuse``)."""
+        limit = self.settings.max_connections_per_identity
+        return LimitExceededError(
+            "max_connections_per_identity",
+            f"too many open streams for this user (max_connections_per_identity={limit})",
+            429,
+        )
+
+    def _refuse(self, error: LimitExceededError) -> tuple[SSEClient, SSEResponse]:
+        """Refuse a new stream for load, a limit or shutdown: by default with a stream that
+        says when to come back (``retry:``) and ends, so that a browser's EventSource
+        reconnects later; with ``hard_refusals``, with the HTTP error, which makes it stop."""
+        self._counters.refused[error.limit] += 1
+        if self.settings.hard_refusals:
+            raise error
+        client = SSEClient(
+            f"{self.worker_id}.{uuid.uuid4().hex}",
+            created_at=datetime.now(UTC),
+            last_event_id=None,
+            identity=None,
+            buffer_limit=self.settings.max_buffer_bytes,
+            policy=self.settings.overflow_policy,
+        )
+        client.mark_closed(DisconnectReason.REFUSED, discard=True)
+        return client, RefusedStream(client, self, error)
+
+    def retry_hint(self) -> bytes:
+        """A ``retry:`` frame with this stream's own delay: ``retry_interval`` spread by
+        ``retry_jitter``, so that streams ended together do not come back together."""
+        jitter = self.settings.retry_jitter
+        base = self.settings.retry_interval
+        return wire.retry_frame(base * (1 + jitter * (2 * random.random() - 1)) if jitter else base)
 
     def remove_client(self, client_id: str) -> bool:
         """Disconnect a client: its stream sends what is buffered, then ends."""
@@ -339,12 +420,7 @@ class SSEService:
         if evicted is None:
             self._counters.refused["max_connections_per_identity"] += 1
             self._close(client, DisconnectReason.REMOVED, discard=True)
-            raise LimitExceededError(
-                "max_connections_per_identity",
-                f"too many open streams for this user "
-                f"(max_connections_per_identity={settings.max_connections_per_identity})",
-                429,
-            )
+            raise self.identity_refusal()
         for victim in evicted:
             local = self._clients.get(victim)
             if local is not None:
@@ -424,7 +500,7 @@ class SSEService:
         payload = self._encode(event, data, id)
         if not self._reachable(client_id):
             return False
-        self._publish_nowait(_client_channel(client_id), payload, id, store=False)
+        self._publish_nowait(_client_channel(client_id), payload, id, store=False, index=self._readers(client_id, id))
         return True
 
     async def publish(self, channel: str, event: str, data: Any, id: str | None = None) -> str:
@@ -432,6 +508,25 @@ class SSEService:
         stored and announced it; raises :class:`BackendError` when it cannot."""
         self.check_channel(channel)
         return await self._publish(channel, self._encode(event, data, id), id, store=True)
+
+    async def publish_many(self, events: Iterable[EventSpec]) -> list[str]:
+        """Publish several events, in order, and return their ids once the backend has
+        stored and announced them all: one round trip to a remote backend.
+
+        Each event is a tuple ``(channel, event, data)`` or ``(channel, event, data, id)``,
+        as the arguments of :meth:`publish`. Every event is validated and encoded first,
+        so a bad one raises (:class:`InvalidChannelError`, :class:`InvalidEventError`)
+        before any is sent. Raises :class:`BackendError` when the backend cannot take
+        them; then the first events of the batch may have been published.
+        """
+        publications = []
+        for spec in events:
+            channel, event, data, *rest = spec
+            event_id = rest[0] if rest else None
+            self.check_channel(channel)
+            publications.append(Publication(channel, self._encode(event, data, event_id), event_id, True))
+        self._require_running()
+        return [message.id for message in await self._publisher.publish_many(publications)]
 
     async def publish_all(self, event: str, data: Any, id: str | None = None) -> str:
         """Like :meth:`broadcast_all`, awaited; returns the event's id."""
@@ -442,7 +537,18 @@ class SSEService:
         payload = self._encode(event, data, id)
         if not self._reachable(client_id):
             return None
-        return await self._publish(_client_channel(client_id), payload, id, store=False)
+        return await self._publish(
+            _client_channel(client_id), payload, id, store=False, index=self._readers(client_id, id)
+        )
+
+    def _readers(self, client_id: str, event_id: str | None) -> tuple[str, ...]:
+        """Where the id of an event for one client resolves once that client resumes as
+        a new client: the channels it reads now, and its identity's pseudo channel. A
+        client of another worker is unknown here: its resume from such an id is a gap."""
+        client = self._clients.get(client_id)
+        if event_id is None or client is None:
+            return ()
+        return _readable(client)
 
     def _reachable(self, client_id: str) -> bool:
         """Whether a client id is this worker's client or, with a shared backend,
@@ -668,13 +774,17 @@ class SSEService:
             return None
         return loop
 
-    def _publish_nowait(self, channel: str, payload: bytes, event_id: str | None, *, store: bool) -> None:
+    def _publish_nowait(
+        self, channel: str, payload: bytes, event_id: str | None, *, store: bool, index: Collection[str] = ()
+    ) -> None:
         self._require_running()
-        self._publisher.publish_nowait(channel, payload, event_id, store=store)
+        self._publisher.publish_nowait(channel, payload, event_id, store=store, index=index)
 
-    async def _publish(self, channel: str, payload: bytes, event_id: str | None, *, store: bool) -> str:
+    async def _publish(
+        self, channel: str, payload: bytes, event_id: str | None, *, store: bool, index: Collection[str] = ()
+    ) -> str:
         self._require_running()
-        return await self._publisher.publish(channel, payload, event_id, store=store)
+        return await self._publisher.publish(channel, payload, event_id, store=store, index=index)
 
     def _require_running(self) -> asyncio.AbstractEventLoop:
         if not self._running or self._loop is None:
@@ -736,22 +846,23 @@ class SSEService:
             self._counters.backend_errors += 1
             logger.warning("cannot open stream %s: the backend does not answer (%s)", client.id, exc or "timed out")
             self._close(client, DisconnectReason.BACKEND_UNAVAILABLE, discard=True)
-            return [self._retry_frame]
+            return [self.retry_hint()]
 
     async def _opening_chunks(self, client: SSEClient) -> list[bytes]:
         """The first bytes of a stream: the retry hint, then either the cursor or the
         replay of what the client missed, merged in order with anything already
         queued for it."""
         await self._wait_interest()
-        chunks = [self._retry_frame]
+        chunks = [self.retry_hint()]
         if client.last_event_id is None:
             head = await self.backend.head()
             chunks.append(wire.cursor_frame(str(head)))
             return chunks
         self._counters.resumes += 1
         channels = [*client.channels, ALL_CHANNEL]
-        after = await self.backend.resolve(client.last_event_id)
-        replay = await self.backend.replay(channels, after)
+        # Only among what this client may read: resume is no oracle for other channels.
+        after = await self.backend.resolve(client.last_event_id, [ALL_CHANNEL, *_readable(client)])
+        replay = await self._replays.replay(channels, after)
         replayed = frozenset(channels) - replay.gaps
         client._floor = replay.head
         client._replayed = replayed

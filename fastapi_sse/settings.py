@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator
@@ -163,6 +164,32 @@ class SSESettings(BaseSettings):
         gt=0,
         description=("Seconds a client made by `add_client` may wait for its response to start before it is removed."),
     )
+    retry_jitter: float = Field(
+        default=0.2,
+        ge=0,
+        lt=1,
+        description=(
+            "Spread of each stream's `retry:` delay: retry_interval times a random factor between "
+            "1 - jitter and 1 + jitter, so that streams ended together do not reconnect together."
+        ),
+    )
+    hard_refusals: bool = Field(
+        default=False,
+        description=(
+            "Answer a stream refused for load, a limit or shutdown with HTTP 503 or 429, which makes "
+            "a browser's EventSource stop for good. By default it gets a 200 stream that sets `retry:` "
+            "and ends, so the browser comes back later."
+        ),
+    )
+    drain_window: float = Field(
+        default=5.0,
+        ge=0,
+        description=(
+            "Seconds over which SIGTERM or SIGINT ends the open streams, in waves, so that their "
+            "reconnects spread over the other workers; keep it below uvicorn's "
+            "--timeout-graceful-shutdown. 0 ends them all at once."
+        ),
+    )
     stream_outside_route: bool = Field(
         default=True,
         description=(
@@ -171,14 +198,35 @@ class SSESettings(BaseSettings):
             "connection). `false` keeps each stream inside its route until it ends."
         ),
     )
-    publish_buffer_size: int = Field(
-        default=10_000,
-        gt=0,
+    publish_buffer_bytes: int = Field(
+        default=64 * 2**20,
+        ge=64 * 1024,
         description=(
-            "Fire-and-forget publishes held while a remote backend is unreachable; "
-            "beyond it they are counted as failed and logged."
+            "Bytes of fire-and-forget publishes held while a remote backend is unreachable "
+            "(from its first failed send until one succeeds); beyond it they are counted as "
+            "failed and logged. While the backend is reachable nothing is refused."
         ),
     )
+    publish_buffer_size: int | None = Field(
+        default=None,
+        gt=0,
+        description=(
+            "Deprecated: bound the outbox with `publish_buffer_bytes`. When set, it also caps "
+            "the number of fire-and-forget publishes held while a remote backend is unreachable."
+        ),
+    )
+
+    @field_validator("publish_buffer_size")
+    @classmethod
+    def _deprecated_count(cls, value: int | None) -> int | None:
+        if value is not None:
+            warnings.warn(
+                "publish_buffer_size (SSE_PUBLISH_BUFFER_SIZE) is deprecated: the outbox is bounded by "
+                "publish_buffer_bytes (SSE_PUBLISH_BUFFER_BYTES)",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+        return value
 
     @field_validator("channel_pattern")
     @classmethod

@@ -5,8 +5,9 @@ Every function here is pure; the service calls them once per event, never per cl
 
 from __future__ import annotations
 
+import json
 import re
-from typing import Any
+from typing import Any, NoReturn
 
 import pydantic_core
 
@@ -15,6 +16,7 @@ from fastapi_sse.errors import InvalidEventError
 # A client ends a line at CRLF, a lone CR or a lone LF, and at nothing else.
 _LINE_END = re.compile(r"\r\n|\r|\n")
 _FIELD_BREAK = re.compile(r"[\r\n]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _DIGITS = re.compile(r"[0-9]+")
 
 # Names a browser's EventSource dispatches itself: an event called "error" would
@@ -40,6 +42,8 @@ def check_event_name(event: str) -> bytes:
         raise InvalidEventError(f"event name must be a non-empty string, got {event!r}")
     if _FIELD_BREAK.search(event):
         raise InvalidEventError(f"event name {event!r} contains CR or LF, which would start a new field on the wire")
+    if control := _CONTROL.search(event):
+        raise InvalidEventError(f"event name {event!r} {_control_problem(control.group())}")
     if event in RESERVED_EVENT_NAMES:
         raise InvalidEventError(
             f"event name {event!r} is dispatched by browsers for connection state; choose another name"
@@ -48,26 +52,52 @@ def check_event_name(event: str) -> bytes:
 
 
 def check_event_id(event_id: str, max_length: int) -> str:
-    """Validate an id given by the caller. Ids of digits alone are the service's own."""
+    """Validate an id given by the caller: accept only what comes back exactly as a
+    ``Last-Event-ID`` header. Ids of digits alone are the service's own."""
     if not isinstance(event_id, str) or not event_id:
         raise InvalidEventError(
             f"event id must be a non-empty string (an empty id clears the browser's cursor), got {event_id!r}"
         )
-    if _FIELD_BREAK.search(event_id) or "\0" in event_id:
-        raise InvalidEventError(f"event id {event_id!r} contains CR, LF or NUL; a browser would mis-read or ignore it")
-    if len(event_id) > max_length:
-        raise InvalidEventError(
-            f"event id is {len(event_id)} characters, more than max_last_event_id_length={max_length}, "
-            "so a client could never resume from it"
-        )
+    if problem := _id_problem(event_id, max_length):
+        raise InvalidEventError(f"event id {problem}")
     if _DIGITS.fullmatch(event_id):
         raise InvalidEventError(
             f"event id {event_id!r} is only digits, which the service reserves for the ids it "
             "assigns; give yours a prefix such as 'msg-{event_id}'"
         )
-    # Checked here, before the event is stored: the id is encoded only when framed.
-    _utf8(event_id, "event id")
     return event_id
+
+
+def _id_problem(value: str, max_length: int) -> str | None:
+    """Why an id cannot travel to the client and back as ``Last-Event-ID`` unchanged,
+    or None. One rule for both ways, so that no id the service sends is refused when
+    a browser resumes from it (a 400 would end its reconnects for good)."""
+    if len(value) > max_length:
+        return (
+            f"is {len(value)} characters, more than max_last_event_id_length={max_length}, "
+            "so a client could never resume from it"
+        )
+    if control := _CONTROL.search(value):
+        return f"{value!r} {_control_problem(control.group())}"
+    if value != value.strip():
+        return (
+            f"{value!r} starts or ends with whitespace, which HTTP strips from the Last-Event-ID header "
+            "(and a client drops one leading space of the field), so it would not come back as sent"
+        )
+    # Checked here, before the event is stored: the id is encoded only when framed.
+    try:
+        value.encode()
+    except UnicodeEncodeError as exc:
+        return f"{value!r} is not valid UTF-8 text: {exc.reason}"
+    return None
+
+
+def _control_problem(char: str) -> str:
+    return (
+        f"contains the control character U+{ord(char):04X}: control characters (U+0000-U+001F, U+007F) "
+        "are refused, as CR or LF would start a new field on the wire, a client ignores an id with NUL, "
+        "and none comes back in a Last-Event-ID header"
+    )
 
 
 def _utf8(text: str, what: str) -> bytes:
@@ -78,11 +108,10 @@ def _utf8(text: str, what: str) -> bytes:
 
 
 def check_last_event_id(value: str, max_length: int) -> str:
-    """Validate a ``Last-Event-ID`` from a request (untrusted input)."""
-    if len(value) > max_length:
-        raise ValueError(f"Last-Event-ID is {len(value)} characters, more than max_last_event_id_length={max_length}")
-    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
-        raise ValueError("Last-Event-ID contains control characters")
+    """Validate a ``Last-Event-ID`` from a request (untrusted input): it accepts what
+    :func:`check_event_id` accepts, and the service's own ids (digits)."""
+    if problem := _id_problem(value, max_length):
+        raise ValueError(f"Last-Event-ID {problem}")
     return value
 
 
@@ -91,9 +120,33 @@ def encode_data(data: Any) -> str:
     if isinstance(data, Text):
         return str(data)
     try:
-        return pydantic_core.to_json(data).decode()
+        text = pydantic_core.to_json(data, inf_nan_mode="constants")
     except pydantic_core.PydanticSerializationError as exc:
         raise InvalidEventError(f"event data of type {type(data).__name__} cannot be encoded as JSON: {exc}") from None
+    # NaN and the infinities come out as bare NaN/Infinity tokens, which are not JSON:
+    # a browser's JSON.parse throws on them. Only text holding those words is parsed.
+    if (b"NaN" in text or b"Infinity" in text) and _has_non_json_number(text):
+        raise InvalidEventError(
+            f"event data of type {type(data).__name__} holds NaN, Infinity or -Infinity, which JSON has no "
+            "form for (a browser's JSON.parse throws on them); send null or a string instead"
+        )
+    return text.decode()
+
+
+def _has_non_json_number(text: bytes) -> bool:
+    try:
+        json.loads(text, parse_constant=_refuse_constant)
+    except _NonJSONNumber:
+        return True
+    return False
+
+
+class _NonJSONNumber(Exception):
+    pass
+
+
+def _refuse_constant(token: str) -> NoReturn:
+    raise _NonJSONNumber(token)
 
 
 def frame_payload(event: bytes, text: str) -> bytes:

@@ -22,6 +22,10 @@ if TYPE_CHECKING:
 _YIELD_EVERY = 512
 """Streams written before the writer lets other tasks run."""
 
+_SETTLE_TURNS = 16
+"""Loop turns :meth:`Writer.settled` waits at most, so a writer kept busy by other
+sources does not stop a burst for ever."""
+
 
 class Handoff:
     """A send the writer started and the stream's task must finish: ``await`` it."""
@@ -79,6 +83,21 @@ class Writer:
         self._sent = sent
         self._ready: list[SSEClient] = []
         self._wake = asyncio.Event()
+        self._writing = False
+
+    @property
+    def busy(self) -> bool:
+        """Whether parked streams have frames the writer has not written yet."""
+        return self._writing or bool(self._ready)
+
+    async def settled(self) -> None:
+        """Let the writer run, and return once it has written what was queued (or after
+        a few loop turns): a burst of deliveries awaits it between batches."""
+        await asyncio.sleep(0)
+        for _ in range(_SETTLE_TURNS):
+            if not self.busy:
+                return
+            await asyncio.sleep(0)
 
     def add(self, client: SSEClient) -> None:
         """Queue a parked stream that has frames; called by :meth:`SSEClient.push`."""
@@ -95,13 +114,17 @@ class Writer:
                 continue
             batch, self._ready = self._ready, []
             now = loop.time()
-            for done, client in enumerate(batch, 1):
-                client._queued = False
-                if client._parked and client._buffer and not client.closed:
-                    self._write(client, now)
-                if not done % _YIELD_EVERY:
-                    await asyncio.sleep(0)
-                    now = loop.time()
+            self._writing = True
+            try:
+                for done, client in enumerate(batch, 1):
+                    client._queued = False
+                    if client._parked and client._buffer and not client.closed:
+                        self._write(client, now)
+                    if not done % _YIELD_EVERY:
+                        await asyncio.sleep(0)
+                        now = loop.time()
+            finally:
+                self._writing = False
 
     def _write(self, client: SSEClient, now: float) -> None:
         send, context = client._send, client._context

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from conftest import RedisServer
 
-from fastapi_sse.backends.base import Backend, Message
+from fastapi_sse.backends.base import Backend, Message, Publication
 from fastapi_sse.backends.memory import MemoryBackend
 from fastapi_sse.backends.redis import RedisBackend
 
@@ -123,10 +123,12 @@ async def test_unknown_cursor_makes_every_channel_a_gap(started: Any) -> None:
 async def test_resolve_caller_ids_and_sequence_numbers(started: Any) -> None:
     backend, _ = await started()
     m = await backend.publish("a", b"0", "msg-123", store=True)
-    assert await backend.resolve("msg-123") == m.seq
-    assert await backend.resolve(str(m.seq)) == m.seq
-    assert await backend.resolve(str(m.seq + 1000)) is None
-    assert await backend.resolve("never-published") is None
+    assert await backend.resolve("msg-123", ["a"]) == m.seq
+    assert await backend.resolve(str(m.seq), ["a"]) == m.seq
+    # A sequence number is a cursor across channels, known to every client.
+    assert await backend.resolve(str(m.seq), ["other"]) == m.seq
+    assert await backend.resolve(str(m.seq + 1000), ["a"]) is None
+    assert await backend.resolve("never-published", ["a"]) is None
 
 
 async def test_trimmed_history_is_a_gap_for_that_channel_only(started: Any) -> None:
@@ -184,7 +186,7 @@ async def test_redis_forgets_caller_ids_with_their_history(redis_server: RedisSe
 
     async def forgotten() -> bool:
         await backend.publish("a", b"tick", None, store=True)
-        return await backend.resolve("msg-old") is None
+        return await backend.resolve("msg-old", ["a"]) is None
 
     try:
         await until(forgotten)
@@ -198,7 +200,13 @@ async def test_redis_remembers_a_bounded_number_of_caller_ids(redis_server: Redi
     try:
         for i in range(5):
             await backend.publish("a", b"x", f"msg-{i}", store=True)
-        assert [await backend.resolve(f"msg-{i}") is not None for i in range(5)] == [False, False, True, True, True]
+        assert [await backend.resolve(f"msg-{i}", ["a"]) is not None for i in range(5)] == [
+            False,
+            False,
+            True,
+            True,
+            True,
+        ]
     finally:
         await backend.close()
 
@@ -256,8 +264,80 @@ async def test_ids_of_events_kept_out_of_history_resolve(started: Any) -> None:
     # Regression: a send_to event with the caller's id was not indexed, so a client
     # resuming from it got a gap on every channel although nothing was lost.
     backend, _ = await started()
-    direct = await backend.publish("direct", b"p", "msg-direct", store=False)
+    direct = await backend.publish("$client:w.1", b"p", "msg-direct", store=False, index=["a", "$identity:u"])
     later = await backend.publish("a", b"later", None, store=True)
-    assert await backend.resolve("msg-direct") == direct.seq
+    assert await backend.resolve("msg-direct", ["a", "$all"]) == direct.seq
+    assert await backend.resolve("msg-direct", ["$identity:u"]) == direct.seq
+    # Indexed under two of the reader's channels, it is still one event.
+    assert await backend.resolve("msg-direct", ["a", "$identity:u", "$all"]) == direct.seq
+    assert await backend.resolve("msg-direct", ["b", "$all", "$identity:v"]) is None
+    assert await backend.resolve("msg-direct", ["$client:w.1"]) is None
     replay = await backend.replay(["a"], direct.seq)
     assert replay.gaps == frozenset() and [m.seq for m in replay.messages] == [later.seq]
+
+
+async def test_an_id_repeated_on_a_channel_resolves_to_nothing(started: Any) -> None:
+    # Resuming from either of two events with one id would skip or repeat events:
+    # the id is unknown (the service answers with the gap event).
+    backend, _ = await started()
+    await backend.publish("a", b"1", "msg-twice", store=True)
+    await backend.publish("a", b"2", None, store=True)
+    await backend.publish("a", b"3", "msg-twice", store=True)
+    assert await backend.resolve("msg-twice", ["a", "$all"]) is None
+    once = await backend.publish("b", b"4", "msg-twice", store=True)
+    # On a channel where it came once it still resolves, for a client reading only that one.
+    assert await backend.resolve("msg-twice", ["b"]) == once.seq
+
+
+async def test_an_id_on_two_of_the_clients_channels_resolves_to_nothing(started: Any) -> None:
+    backend, _ = await started()
+    on_a = await backend.publish("a", b"1", "msg-both", store=True)
+    on_b = await backend.publish("b", b"2", "msg-both", store=True)
+    assert await backend.resolve("msg-both", ["a", "b"]) is None
+    assert await backend.resolve("msg-both", ["a"]) == on_a.seq
+    assert await backend.resolve("msg-both", ["b", "c"]) == on_b.seq
+
+
+async def test_an_id_on_a_channel_the_client_does_not_read_is_unknown_to_it(started: Any) -> None:
+    backend, _ = await started()
+    await backend.publish("secret", b"1", "msg-secret", store=True)
+    await backend.publish("$client:w.2", b"2", "msg-private", store=False, index=["secret", "$identity:alice"])
+    for event_id in ("msg-secret", "msg-private", "msg-never"):
+        assert await backend.resolve(event_id, ["public", "$all", "$identity:bob"]) is None
+    assert await backend.resolve("msg-secret", []) is None
+
+
+async def test_an_id_used_again_after_its_event_left_history_stays_unknown(started: Any) -> None:
+    # The index outlives a trimmed event: a client holding the old id must not
+    # resume from the new event and skip what came between.
+    backend, _ = await started(history_size=1)
+    await backend.publish("a", b"old", "msg-reused", store=True)
+    await backend.publish("a", b"between", None, store=True)
+    await backend.publish("a", b"new", "msg-reused", store=True)
+    assert await backend.resolve("msg-reused", ["a"]) is None
+
+
+async def test_publish_many_numbers_stores_and_delivers_a_batch_in_order(started: Any) -> None:
+    backend, inbox = await started()
+    await backend.listen(["a", "b", "$client:w1.c"])
+    before = await backend.head()
+    batch = [
+        Publication("a", b"0", None, True),
+        Publication("b", b"1", "msg-1", True),
+        Publication("$client:w1.c", b"2", "msg-2", False, ("a",)),
+        Publication("a", b"3", None, True),
+    ]
+    sent = await backend.publish_many(batch)
+    assert [m.seq for m in sent] == [before + 1, before + 2, before + 3, before + 4]
+    assert [(m.channel, m.id, m.payload) for m in sent] == [
+        ("a", str(before + 1), b"0"),
+        ("b", "msg-1", b"1"),
+        ("$client:w1.c", "msg-2", b"2"),
+        ("a", str(before + 4), b"3"),
+    ]
+    got = await inbox.wait_for(4)
+    assert [(m.seq, m.channel, m.id, m.payload) for m in got] == [(m.seq, m.channel, m.id, m.payload) for m in sent]
+    replay = await backend.replay(["a", "b"], before)
+    assert [m.payload for m in replay.messages] == [b"0", b"1", b"3"]
+    assert await backend.resolve("msg-2", ["a"]) == before + 3
+    assert await backend.publish_many([]) == []

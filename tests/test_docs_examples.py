@@ -166,7 +166,8 @@ def test_the_site_builds_without_warnings(tmp_path: Path) -> None:
         cwd=ROOT,
         capture_output=True,
         text=True,
-        env={"NO_MKDOCS_2_WARNING": "1", "PATH": str(Path(sys.executable).parent)},
+        # The hooks and the API reference import the package of this checkout.
+        env={"NO_MKDOCS_2_WARNING": "1", "PATH": str(Path(sys.executable).parent), "PYTHONPATH": str(ROOT)},
         timeout=120,
     )
     assert result.returncode == 0, result.stderr
@@ -177,3 +178,24 @@ def test_the_site_builds_without_warnings(tmp_path: Path) -> None:
     assert "send_hello" in message_format
     reference = (tmp_path / "reference" / "index.html").read_text()
     assert [name for name in fastapi_sse.__all__ if f'id="fastapi_sse.{name}"' not in reference] == []
+
+
+def test_router_hooks_example_resolves_the_user_once_for_every_hook() -> None:
+    from docs.examples import router_hooks
+
+    alice = {"Authorization": "Bearer alice"}
+    app = router_hooks.app
+    with serve(app) as server, httpx.Client(base_url=server.url, timeout=10) as http:
+        assert http.get("/subscribe").status_code == 401
+        assert http.get("/subscribe", params={"channel": "team:blue"}, headers=alice).status_code == 403
+        with open_stream(f"{server.url}/subscribe", params={"channel": "team:red"}, headers=alice) as stream:
+            assert json.loads(stream.next_event().data) == {"name": "alice", "teams": ["red"]}
+            sent = http.post("/teams/red/messages", params={"text": "hi"}, headers=alice)
+            assert sent.json() == {"status": "sent"}
+            assert json.loads(stream.next_event().data) == {"from": "alice", "text": "hi"}
+        app.dependency_overrides[router_hooks.current_user] = lambda: router_hooks.User(name="tester", teams=["red"])
+        try:
+            with open_stream(f"{server.url}/subscribe", params={"channel": "team:red"}) as stream:
+                assert json.loads(stream.next_event().data) == {"name": "tester", "teams": ["red"]}
+        finally:
+            app.dependency_overrides.clear()

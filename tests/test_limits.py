@@ -8,7 +8,17 @@ from typing import Any
 import httpx
 import pytest
 from helpers.apps import fast_settings, router_app, served
-from helpers.streams import RawReader, Stream, dechunk, open_stream, parse, raw_request, wait_until
+from helpers.streams import (
+    RawReader,
+    Stream,
+    dechunk,
+    open_stream,
+    parse,
+    raw_request,
+    retry_of,
+    soft_refusal,
+    wait_until,
+)
 
 from fastapi_sse import BadRequestError, InvalidChannelError, LimitExceededError, SSEClient, Text
 
@@ -118,25 +128,34 @@ def test_stalled_client_does_not_hold_back_readers_and_stays_bounded(
             sock.close()
 
 
-def test_max_connections_refuses_with_503_and_retry_after(http: httpx.Client) -> None:
+def test_max_connections_refuses_softly_so_the_browser_comes_back(http: httpx.Client) -> None:
     with served(router_app(fast_settings(max_connections=2, retry_interval=2.5))) as (srv, sse):
         with (
             open_stream(srv.url + "/subscribe", params={"channel": "c"}),
             open_stream(srv.url + "/subscribe", params={"channel": "c"}),
         ):
             response = http.get(srv.url + "/subscribe", params={"channel": "c"})
-            assert response.status_code == 503
-            assert response.headers["retry-after"] == "3"
-            assert "max_connections=2" in response.json()["detail"]
-            with pytest.raises(LimitExceededError) as info:
-                srv.call(sse.add_client)
-            assert info.value.limit == "max_connections"
-            assert info.value.status_code == 503
-            assert "max_connections=2" in str(info.value)
+            assert "max_connections=2" in soft_refusal(response)
+            assert retry_of(response) == 2500
+            client, _ = srv.call(sse.add_client)
+            assert (client.closed, client.close_reason) == (True, "refused")
+            assert srv.call(sse.subscribe, client.id, "c") is False
         assert sse.stats().refused["max_connections"] == 2
         wait_until(lambda: not srv.call(sse.get_clients))
         with open_stream(srv.url + "/subscribe", params={"channel": "c"}):
             pass
+
+
+def test_hard_refusals_answer_503_with_retry_after(http: httpx.Client) -> None:
+    settings = fast_settings(max_connections=1, retry_interval=2.5, hard_refusals=True)
+    with served(router_app(settings)) as (srv, sse), open_stream(srv.url + "/subscribe", params={"channel": "c"}):
+        response = http.get(srv.url + "/subscribe", params={"channel": "c"})
+        assert response.status_code == 503
+        assert response.headers["retry-after"] == "3"
+        assert "max_connections=1" in response.json()["detail"]
+        with pytest.raises(LimitExceededError) as info:
+            srv.call(sse.add_client)
+        assert (info.value.limit, info.value.status_code) == ("max_connections", 503)
 
 
 def identified_app(**settings: Any) -> Any:
@@ -164,15 +183,13 @@ def test_identity_limit_remove_oldest_ends_the_oldest_stream() -> None:
         wait_until(lambda: not srv.call(lambda: sse._identities), message="identity entries to go")
 
 
-def test_identity_limit_refuse_answers_429(http: httpx.Client) -> None:
+def test_identity_limit_refuse_tells_the_stream_to_come_back(http: httpx.Client) -> None:
     with served(identified_app(max_connections_per_identity=1, identity_limit_policy="refuse")) as (srv, sse):
         with open_stream(srv.url + "/subscribe", params={"channel": "i"}, headers={"x-user": "carol"}) as first:
             response = http.get(srv.url + "/subscribe", params={"channel": "i"}, headers={"x-user": "carol"})
-            assert response.status_code == 429
-            assert "max_connections_per_identity=1" in response.json()["detail"]
-            with pytest.raises(LimitExceededError) as info:
-                srv.call(lambda: sse.add_client(identity="carol"))
-            assert info.value.limit == "max_connections_per_identity"
+            assert "max_connections_per_identity=1" in soft_refusal(response)
+            client, _ = srv.call(lambda: sse.add_client(identity="carol"))
+            assert client.close_reason == "refused"
             srv.call(sse.broadcast, "i", "still-open", 1)
             assert first.next_event().event == "still-open"
         assert sse.stats().refused["max_connections_per_identity"] == 2

@@ -7,7 +7,7 @@ import asyncio
 import json
 import signal
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import ExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -15,11 +15,12 @@ from typing import Any
 import pytest
 import redis
 from conftest import RedisServer, serve_process, start_redis
+from helpers.apps import fast_settings
 from helpers.streams import RawResponse, open_stream, raw_stream, wait_until
 from test_backend_contract import Inbox
 from test_redis_cluster import APP, cluster_env, local, publish, read_until
 
-from fastapi_sse import BackendError, SSEService, SSESettings
+from fastapi_sse import BackendError, Message, Publication, SSEService, SSESettings
 from fastapi_sse.backends.redis import RedisBackend
 
 DURABLE = ("--appendonly", "yes", "--appendfsync", "always")
@@ -155,6 +156,7 @@ class Cuttable:
         self._silenced: set[asyncio.StreamWriter] = set()
         self._server: asyncio.Server | None = None
         self._lose_reply = False
+        self._cut_after_lost_reply = False
         self.replies_lost = 0
         self.port = 0
 
@@ -187,10 +189,12 @@ class Cuttable:
         (a peer that vanished without a FIN); new connections work."""
         self._silenced |= self._pipes
 
-    def lose_next_reply(self) -> None:
+    def lose_next_reply(self, *, then_cut: bool = False) -> None:
         """Let the next script call reach Redis, then drop its reply and the connection:
-        Redis ran it, and the caller cannot know."""
+        Redis ran it, and the caller cannot know. With ``then_cut``, cut the network
+        too, so that redis-py's own retry of the call fails as well."""
         self._lose_reply = True
+        self._cut_after_lost_reply = then_cut
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if not self.open:
@@ -215,6 +219,8 @@ class Cuttable:
                     armed[0] = True
                 elif not request and armed[0]:
                     self.replies_lost += 1
+                    if self._cut_after_lost_reply:
+                        self.cut()
                     return
                 if writer not in self._silenced:
                     writer.write(data)
@@ -350,5 +356,113 @@ async def test_a_publish_whose_reply_is_lost_is_stored_once(redis_server: RedisS
             assert await backend.head() == second.seq
             replay = await backend.replay(["news"], first.seq - 1)
             assert [(m.seq, m.payload) for m in replay.messages] == [(first.seq, b"one"), (second.seq, b"two")]
+            # A batch too: a pipeline of script calls (600 events: two calls) sent again.
+            network.lose_next_reply()
+            batch = [Publication("news", str(i).encode(), None, True) for i in range(600)]
+            sent = await backend.publish_many(batch)
+            assert network.replies_lost == 2
+            assert [m.seq for m in sent] == list(range(second.seq + 1, second.seq + 601))
+            assert await backend.head() == sent[-1].seq
+            replay = await backend.replay(["news"], second.seq)
+            assert [m.payload for m in replay.messages] == [p.payload for p in batch]
         finally:
             await backend.close()
+
+
+def event_data(message: Message) -> Any:
+    """The JSON data of an event the service published (its payload's ``data:`` line)."""
+    return json.loads(message.payload.decode().split("data: ", 1)[1])
+
+
+async def until(condition: Callable[[], Any], within: float = 10.0) -> None:
+    """Wait for ``condition()`` to hold, checking once per loop turn (a readiness probe)."""
+    async with asyncio.timeout(within):
+        while True:
+            if condition():
+                return
+            await asyncio.sleep(0.005)
+
+
+@asynccontextmanager
+async def service_through(network: Cuttable, prefix: str, **settings: Any) -> AsyncIterator[SSEService]:
+    values: dict[str, Any] = {
+        "backend": "redis",
+        "redis_url": network.url,
+        "redis_key_prefix": prefix,
+        "redis_timeout": 1.0,
+        "redis_max_backoff": 0.1,
+    }
+    async with SSEService(fast_settings(**values, **settings)) as sse:
+        yield sse
+
+
+@asynccontextmanager
+async def watching(redis_server: RedisServer, prefix: str, channel: str) -> AsyncIterator[tuple[RedisBackend, Inbox]]:
+    """A backend connected straight to Redis, listening to ``channel``: what was stored
+    and announced, whatever happens to the service's own connections."""
+    watcher = RedisBackend(redis_server.url, key_prefix=prefix)
+    inbox = Inbox()
+    await watcher.start(inbox)
+    try:
+        await watcher.listen([channel])
+        yield watcher, inbox
+    finally:
+        await watcher.close()
+
+
+@pytest.mark.anyio
+async def test_an_outbox_batch_sent_again_after_a_failure_is_stored_once(redis_server: RedisServer) -> None:
+    # The script ran, its reply was lost, redis-py's retry failed too: the outbox
+    # sends the batch again once Redis answers, and Redis recognises it.
+    prefix = f"test:{uuid.uuid4().hex[:10]}:"
+    async with (
+        Cuttable(redis_server.port) as network,
+        watching(redis_server, prefix, "r") as (watcher, inbox),
+        service_through(network, prefix) as sse,
+    ):
+        network.lose_next_reply(then_cut=True)
+        for i in range(3):
+            sse.broadcast("r", "e", i)
+        await until(lambda: network.replies_lost == 1 and sse._counters.backend_errors >= 1)
+        assert sse.stats().pending_publishes == 3
+        network.heal()
+        await until(lambda: sse.stats().pending_publishes == 0)
+        sse.broadcast("r", "e", "after")
+        await until(lambda: inbox.messages and event_data(inbox.messages[-1]) == "after")
+        assert [event_data(m) for m in inbox.messages] == [0, 1, 2, "after"]
+        seqs = [m.seq for m in inbox.messages]
+        replay = await watcher.replay(["r"], seqs[0] - 1)
+        assert [m.seq for m in replay.messages] == seqs and seqs[:3] == list(range(seqs[0], seqs[0] + 3))
+        assert sse.stats().publish_failures == 0
+
+
+@pytest.mark.anyio
+async def test_a_burst_while_redis_is_unreachable_fills_the_outbox_to_its_bound(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    prefix = f"test:{uuid.uuid4().hex[:10]}:"
+    pad = "x" * 1000
+    async with (
+        Cuttable(redis_server.port) as network,
+        watching(redis_server, prefix, "o") as (_, inbox),
+        service_through(network, prefix, publish_buffer_bytes=64 * 1024) as sse,
+    ):
+        network.cut()
+        sse.broadcast("o", "e", [-1, pad])
+        await until(lambda: sse._counters.backend_errors >= 1)
+        # One burst from this task, on the loop, while Redis is known to be unreachable.
+        for i in range(200):
+            sse.broadcast("o", "e", [i, pad])
+        stats = sse.stats()
+        kept, lost = stats.pending_publishes, stats.publish_failures
+        assert kept + lost == 201 and 40 < kept < 70  # about 1,100 bytes each in 64 KiB
+        await until(lambda: any("event(s) lost" in r.getMessage() for r in caplog.records))
+        network.heal()
+        await inbox.wait_for(kept, within=10)
+        await until(lambda: sse.stats().pending_publishes == 0)
+        # What fitted arrives in order; exactly what was counted lost is missing.
+        assert [event_data(m)[0] for m in inbox.messages] == list(range(-1, kept - 1))
+        assert sse.stats().publish_failures == lost
+    reports = [r for r in caplog.records if "event(s) lost" in r.getMessage()]
+    assert len(reports) == 1, [r.getMessage() for r in reports]
+    assert reports[0].getMessage().startswith(f"{lost} event(s) lost: the backend is unreachable")

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from fastapi import Request
 from helpers.apps import fast_settings, router_app, seed_app, served
 from helpers.streams import Stream, open_stream, parse, raw_stream, wait_until
 
@@ -289,3 +292,95 @@ def test_without_history_a_resume_reports_the_gap_instead_of_skipping() -> None:
             live = stream.next_event()
         assert (gap.event, gap.json()) == (GAP_EVENT, {"channels": ["none-a"], "all": False, "last_event_id": cursor})
         assert live.json() == 3
+
+
+# Repeated ids, and ids of channels a client does not read, on both backends.
+
+
+def identify(request: Request) -> str | None:
+    return request.query_params.get("user")
+
+
+@pytest.fixture(scope="module", params=["memory", "redis"])
+def any_backend(request: pytest.FixtureRequest) -> Iterator[Any]:
+    values: dict[str, Any] = {}
+    if request.param == "redis":
+        redis = request.getfixturevalue("redis_server")
+        values = {"backend": "redis", "redis_url": redis.url, "redis_key_prefix": f"test:{uuid.uuid4().hex[:10]}:"}
+    with served(router_app(fast_settings(**values), identify=identify)) as pair:
+        yield pair
+
+
+def resume(srv: Any, channels: list[str], cursor: str, **params: str) -> Any:
+    return open_stream(
+        srv.url + "/subscribe",
+        params={"channel": channels, **params},
+        headers={"Last-Event-ID": cursor},
+        opened=False,
+    )
+
+
+def test_an_id_repeated_on_a_channel_resumes_with_a_gap_not_a_skip(any_backend: Any) -> None:
+    # Resuming from the first "dup-1" would skip "between"; from the second, repeat it.
+    srv, sse = any_backend
+    srv.call(sse.publish, "rep-a", "e", "first", "dup-1")
+    srv.call(sse.publish, "rep-a", "e", "between")
+    srv.call(sse.publish, "rep-a", "e", "second", "dup-1")
+    with resume(srv, ["rep-a"], "dup-1") as stream:
+        gap = stream.next_event()
+    assert (gap.event, gap.json()) == (GAP_EVENT, {"channels": ["rep-a"], "all": True, "last_event_id": "dup-1"})
+
+
+def test_an_id_on_two_of_the_clients_channels_resumes_with_a_gap(any_backend: Any) -> None:
+    srv, sse = any_backend
+    srv.call(sse.publish, "two-a", "e", "on a", "both-1")
+    srv.call(sse.publish, "two-b", "e", "on b", "both-1")
+    srv.call(sse.publish, "two-a", "e", "after")
+    with resume(srv, ["two-a", "two-b"], "both-1") as stream:
+        gap = stream.next_event()
+    assert gap.event == GAP_EVENT and gap.json()["channels"] == ["two-a", "two-b"]
+    # Through one of the channels alone the id is one event: the resume is exact.
+    with resume(srv, ["two-a"], "both-1") as stream:
+        got = stream.next_event()
+    assert (got.event, got.json()) == ("e", "after")
+
+
+def test_an_id_of_a_channel_the_client_does_not_read_is_answered_as_unknown(any_backend: Any) -> None:
+    # Resume is no oracle: a client of "pub" cannot tell an id of "secret" from none.
+    srv, sse = any_backend
+    srv.call(sse.publish, "secret", "e", "hidden", "secret-1")
+    srv.call(sse.publish, "pub", "e", "public")
+    answers = []
+    for cursor in ("secret-1", "never-published-1"):
+        with resume(srv, ["pub"], cursor) as stream:
+            gap = stream.next_event()
+            answers.append((gap.event, {**gap.json(), "last_event_id": None}, gap.id == stream.last_event_id))
+        srv.call(sse.publish, "pub", "e", "tick")
+    assert answers[0] == answers[1]
+    assert answers[0][:2] == (GAP_EVENT, {"channels": ["pub"], "all": True, "last_event_id": None})
+
+
+def test_a_send_to_id_resumes_exactly_through_the_channels_and_identity(any_backend: Any) -> None:
+    srv, sse = any_backend
+    for params, other in (({"channel": "dm-a"}, {"channel": "dm-b"}), ({"user": "ann"}, {"user": "bob"})):
+        with open_stream(srv.url + "/subscribe", params=params) as stream:
+            (client,) = wait_until(lambda: srv.call(sse.get_clients), message="the client")
+            srv.call(sse.publish_to, client.id, "private", "for you", f"direct-{client.id[-6:]}")
+            got = stream.next_event()
+            cursor = stream.last_event_id
+        assert (got.event, got.id) == ("private", cursor)
+        wait_until(lambda: not srv.call(sse.get_clients), message="the first stream to close")
+        srv.call(sse.publish, "dm-a", "e", "missed")
+        srv.call(sse.publish_all, "e", "missed too")
+        # A new client id, the same channels (or identity): the resume is exact.
+        with open_stream(
+            srv.url + "/subscribe", params=params, headers={"Last-Event-ID": cursor}, opened=False
+        ) as again:
+            replayed = again.events(2 if "channel" in params else 1)
+        assert [e.json() for e in replayed] == (["missed", "missed too"] if "channel" in params else ["missed too"])
+        # Another client reads neither: to it the id is unknown.
+        with open_stream(
+            srv.url + "/subscribe", params=other, headers={"Last-Event-ID": cursor}, opened=False
+        ) as stranger:
+            assert stranger.next_event().event == GAP_EVENT
+        wait_until(lambda: not srv.call(sse.get_clients), message="the streams to close")

@@ -16,8 +16,8 @@ from sse_starlette.sse import EventSourceResponse
 from fastapi_sse import (
     ALL_CHANNEL,
     BackendError,
+    BadRequestError,
     InvalidChannelError,
-    LimitExceededError,
     MemoryBackend,
     Message,
     Replay,
@@ -292,10 +292,10 @@ def test_memory_backend_contract_directly() -> None:
         await backend.publish("a", b"4", None, store=True)
         assert [m.seq for m in delivered] == [1, 2, 3, 4]
         assert await backend.head() == 4
-        assert await backend.resolve("x-2") == 2
-        assert await backend.resolve("3") == 3
-        assert await backend.resolve("99") is None
-        assert await backend.resolve("nope") is None
+        assert await backend.resolve("x-2", ["a"]) == 2
+        assert await backend.resolve("3", ["a"]) == 3
+        assert await backend.resolve("99", ["a"]) is None
+        assert await backend.resolve("nope", ["a"]) is None
         replay = await backend.replay(["a", "b"], 2)
         assert isinstance(replay, Replay)
         assert [m.payload for m in replay.messages] == [b"4"]
@@ -398,9 +398,10 @@ def test_seed_methods_from_other_threads_run_on_the_services_loop(http: Any) -> 
             worker.join()
             assert errors == []
             assert [e.json() for e in stream.rest()] == ["from a thread"]
-        with pytest.raises(LimitExceededError):
-            # Errors still reach the calling thread.
-            for _ in range(sse.settings.max_connections + 1):
-                sse.add_client()
+        # Answers still reach the calling thread: past max_connections, a refused client.
+        clients = [sse.add_client()[0] for _ in range(sse.settings.max_connections + 1)]
+        assert [c.close_reason for c in clients[-2:]] == [None, "refused"]
+        with pytest.raises(BadRequestError):  # errors too
+            sse.add_client("bad\x00id")
         sse.shutdown()  # from the test's thread too
         assert sse.get_clients() == []

@@ -16,6 +16,7 @@ from fastapi_sse import SettingsError, SSEService, SSESettings, load_settings
 
 SPECIAL = {
     "channel_pattern": "[a-z]+",
+    "publish_buffer_size": 5,
     "redis_url": "redis://127.0.0.1:6390/3",
 }
 
@@ -66,6 +67,11 @@ def test_every_field_is_documented() -> None:
         assert field.description, f"setting {name} has no description"
 
 
+# Every field includes the deprecated publish_buffer_size.
+DEPRECATED = "ignore:publish_buffer_size:DeprecationWarning"
+
+
+@pytest.mark.filterwarnings(DEPRECATED)
 def test_every_field_read_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     for env, _, value in SETTINGS:
         monkeypatch.setenv(env, str(value))
@@ -79,6 +85,7 @@ def test_service_reads_environment_when_built_without_settings(monkeypatch: pyte
     assert SSEService().settings.max_connections == 7
 
 
+@pytest.mark.filterwarnings(DEPRECATED)
 def test_every_field_read_from_env_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     for env, _, _ in SETTINGS:
         monkeypatch.delenv(env, raising=False)
@@ -88,6 +95,14 @@ def test_every_field_read_from_env_file(tmp_path: Path, monkeypatch: pytest.Monk
     for env, path, value in SETTINGS:
         assert read(settings, path) == value, env
     assert load_settings(_env_file=env_file) == settings
+
+
+def test_the_outbox_count_bound_is_deprecated_for_its_byte_bound() -> None:
+    with pytest.warns(DeprecationWarning, match="publish_buffer_bytes"):
+        settings = SSESettings(publish_buffer_size=100)
+    assert settings.publish_buffer_size == 100
+    assert SSESettings().publish_buffer_size is None
+    assert SSESettings().publish_buffer_bytes == 64 * 2**20
 
 
 def test_keyword_arguments_win_and_settings_are_frozen(monkeypatch: pytest.MonkeyPatch) -> None:

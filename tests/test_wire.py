@@ -1,4 +1,4 @@
-"""SSE-WIRE.md rules 1-14, checked on the bytes a real server sends and on what a real client parses."""
+"""SSE-WIRE.md rules 1-17, checked on the bytes a real server sends and on what a real client parses."""
 
 from __future__ import annotations
 
@@ -15,7 +15,15 @@ from helpers.streams import open_stream, parse, raw_stream
 from pydantic import BaseModel
 
 from fastapi_sse import InvalidEventError, Text
-from fastapi_sse.wire import check_last_event_id, frame, frame_payload, retry_frame
+from fastapi_sse.wire import (
+    check_event_id,
+    check_event_name,
+    check_last_event_id,
+    encode_data,
+    frame,
+    frame_payload,
+    retry_frame,
+)
 
 FIELD_LINE = re.compile(rb"(id|event|data|retry): [^\r\n]*|: ping|")
 
@@ -143,12 +151,18 @@ def test_every_event_has_an_id_and_service_ids_increase_across_channels(server: 
         ("bad\nname", None, "CR or LF"),
         ("bad\rname", None, "CR or LF"),
         ("bad\r\nname", None, "CR or LF"),
+        ("bad\0name", None, "control character U+0000"),
+        ("bad\x1bname", None, "control characters (U+0000-U+001F, U+007F)"),
         ("error", None, "dispatched by browsers"),
         ("open", None, "dispatched by browsers"),
         ("", None, "non-empty"),
-        ("ok", "id\ndata: injected", "CR, LF or NUL"),
-        ("ok", "id\rretry: 1", "CR, LF or NUL"),
-        ("ok", "nul\0id", "CR, LF or NUL"),
+        ("ok", "id\ndata: injected", "control character U+000A"),
+        ("ok", "id\rretry: 1", "control character U+000D"),
+        ("ok", "nul\0id", "control character U+0000"),
+        ("ok", "tab\tid", "control character U+0009"),
+        ("ok", "del\x7fid", "control character U+007F"),
+        ("ok", " lead", "starts or ends with whitespace"),
+        ("ok", "trail ", "starts or ends with whitespace"),
         ("ok", "", "non-empty"),
         ("ok", "12345", "only digits"),
         ("ok", "x" * 129, "max_last_event_id_length"),
@@ -306,3 +320,104 @@ def test_text_that_is_not_utf8_is_rejected_and_history_stays_resumable(server: A
         srv.url + "/subscribe", params={"channel": "surrogate"}, headers={"Last-Event-ID": cursor}, opened=False
     ) as resumed:
         assert resumed.next_event().json() == "after"
+
+
+# Ids a client sends back unchanged: punctuation, inner spaces, non-ASCII as UTF-8.
+RETURNABLE_IDS = ["msg-1", "a b", "évt-1", "事件-2", "🎉-3", "x" * 128, "!#$%&'()*+,-./:;<=>?@[\\]^_`{|}~", "1.5"]
+
+
+@pytest.mark.parametrize("event_id", RETURNABLE_IDS)
+def test_ids_that_come_back_are_accepted_both_ways(event_id: str) -> None:
+    assert check_event_id(event_id, 128) == event_id
+    assert check_last_event_id(event_id, 128) == event_id
+
+
+@pytest.mark.parametrize(
+    ("event_id", "rule"),
+    [
+        ("x" * 129, "more than max_last_event_id_length=128"),
+        *[(f"a{chr(c)}b", f"control character U+{c:04X}") for c in [*range(0x20), 0x7F]],
+        (" a", "starts or ends with whitespace"),
+        ("a ", "starts or ends with whitespace"),
+        ("a\u3000", "starts or ends with whitespace"),
+        ("id-\ud800", "not valid UTF-8"),
+    ],
+)
+def test_ids_that_cannot_come_back_are_refused_both_ways(event_id: str, rule: str) -> None:
+    # One rule on both sides: the subscribe route never refuses (400, which ends a
+    # browser's reconnects for good) an id that publishing accepted.
+    with pytest.raises(InvalidEventError, match=re.escape(rule)):
+        check_event_id(event_id, 128)
+    with pytest.raises(ValueError, match=re.escape(rule)) as info:
+        check_last_event_id(event_id, 128)
+    assert not isinstance(info.value, InvalidEventError)
+
+
+def test_digit_ids_are_the_services_own() -> None:
+    with pytest.raises(InvalidEventError, match="only digits"):
+        check_event_id("42", 128)
+    assert check_last_event_id("42", 128) == "42"
+    # Not digits: the Unicode digits a str.isdigit() would take.
+    assert check_event_id("٤٢", 128) == "٤٢"
+
+
+def test_every_single_character_id_is_accepted_by_publish_only_if_subscribe_accepts_it() -> None:
+    for code in [*range(0x300), 0x2028, 0x3000, 0xFEFF, 0x1F389]:
+        value = chr(code)
+        try:
+            check_event_id(value, 128)
+        except InvalidEventError:
+            continue
+        assert check_last_event_id(value, 128) == value
+
+
+@pytest.mark.parametrize("name", ["n\0", "n\x01", "n\t", "n\x1f", "n\x7f"])
+def test_event_names_refuse_control_characters(name: str) -> None:
+    with pytest.raises(InvalidEventError, match=re.escape("control characters (U+0000-U+001F, U+007F)")):
+        check_event_name(name)
+    assert check_event_name("évt name") == "évt name".encode()
+
+
+NAN = float("nan")
+INF = float("inf")
+
+
+@dataclasses.dataclass
+class Reading:
+    value: float
+
+
+@pytest.mark.parametrize(
+    "data", [NAN, INF, -INF, [1, NAN], {"a": {"b": [INF]}}, {"deep": [{"x": -INF}]}, Reading(NAN), (1, {"t": NAN})]
+)
+def test_data_that_is_not_json_is_refused(data: Any) -> None:
+    with pytest.raises(InvalidEventError, match="holds NaN, Infinity or -Infinity"):
+        encode_data(data)
+
+
+def test_the_words_nan_and_infinity_inside_json_are_fine() -> None:
+    assert encode_data({"NaN": "Infinity", "s": "-Infinity NaN"}) == '{"NaN":"Infinity","s":"-Infinity NaN"}'
+    assert encode_data([1.5, -2e300, 0.0]) == "[1.5,-2e+300,0.0]"
+    assert encode_data(Text("NaN")) == "NaN"
+
+
+def test_nan_is_refused_by_every_publishing_call_and_nothing_is_sent(server: Any) -> None:
+    srv, sse = server
+    with open_stream(srv.url + "/subscribe", params={"channel": "nan"}) as stream:
+        client_id = srv.call(lambda: sse.get_clients_by_channel("nan")[0].id)
+        published = sse.stats().events_published
+        attempts: list[Any] = [
+            lambda: sse.broadcast("nan", "e", {"v": NAN}),
+            lambda: sse.broadcast_all("e", [INF]),
+            lambda: sse.send_to(client_id, "e", -INF),
+            lambda: srv.call(sse.publish, "nan", "e", {"nested": [{"v": NAN}]}),
+            lambda: srv.call(sse.publish_all, "e", NAN),
+            lambda: srv.call(sse.publish_to, client_id, "e", Reading(INF)),
+        ]
+        for attempt in attempts:
+            with pytest.raises(InvalidEventError, match="NaN, Infinity or -Infinity"):
+                attempt()
+        assert sse.stats().events_published == published
+        srv.call(sse.broadcast, "nan", "sentinel", {"v": None})
+        got = stream.next_event()
+    assert (got.event, got.json()) == ("sentinel", {"v": None})

@@ -9,14 +9,17 @@ wraps the app in :class:`fastapi_sse.SSEMiddleware` itself).
 
 from __future__ import annotations
 
+import asyncio
 import os
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
 
 import fastapi_sse
-from bench.apps.common import add_bench_routes
+from bench.apps.common import add_bench_routes, dumps, payload, spawn
 from fastapi_sse import (
     SSEClient,
     SSEMiddleware,
@@ -64,3 +67,53 @@ add_bench_routes(
     send_to_user=send_to_user,
     clients=lambda: len(get_sse_from_app(app).get_clients()),
 )
+
+
+bursts: dict[str, dict[str, Any]] = {}
+
+
+async def publish_burst(label: str, n: int, users: int, size: int, start: int, one_at_a_time: bool) -> None:
+    """``n`` events round-robin on ``user:<k>``: fire-and-forget ``broadcast`` calls in
+    one loop that never yields (a burst from one handler), or each awaited with
+    ``publish`` (one script round trip at a time, what the outbox used to do). Timed
+    until the backend has taken the last one."""
+    sse = get_sse_from_app(app)
+    pad = "x" * size
+    before, head = sse.stats(), await sse.backend.head()
+    started = time.perf_counter()
+    for k in range(n):
+        data = Text(dumps(payload(start + k, pad)))
+        if one_at_a_time:
+            await sse.publish(f"user:{k % users}", "bench", data)
+        else:
+            sse.broadcast(f"user:{k % users}", "bench", data)
+    # Done when Redis holds them all (a cheap GET); stats() (costly with thousands of
+    # channels) only now and then, in case some were lost.
+    checks = 0
+    while await sse.backend.head() - head < n:
+        checks += 1
+        if not checks % 50 and not sse.stats().pending_publishes:
+            break
+        await asyncio.sleep(0.002)
+    elapsed = time.perf_counter() - started
+    after = sse.stats()
+    bursts[label] = {
+        "seconds": elapsed,
+        "stored": await sse.backend.head() - head,
+        "publish_failures": after.publish_failures - before.publish_failures,
+    }
+
+
+@app.post("/publish_burst")
+async def start_burst(
+    label: str, n: int, users: int, size: int = 64, start: int = 0, one_at_a_time: bool = False
+) -> dict[str, Any]:
+    bursts.pop(label, None)
+    spawn(publish_burst(label, n, users, size, start, one_at_a_time))
+    return {"ok": True}
+
+
+@app.get("/publish_burst")
+async def burst_result(label: str) -> dict[str, Any]:
+    """The burst's figures once its last event was taken, else ``{}``."""
+    return bursts.get(label, {})

@@ -4,12 +4,16 @@ A backend knows nothing of clients, SSE framing, heartbeats or JSON. It gives ea
 published message a sequence number, increasing across every channel, hands
 messages of the channels this process listens to back to the service, and answers
 "what came on these channels after sequence N".
+
+Ids given by a publisher are indexed per channel, so that a client's ``Last-Event-ID``
+resolves only among the events it may read (see :meth:`Backend.resolve`).
 """
 
 from __future__ import annotations
 
+import itertools
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 
@@ -36,6 +40,31 @@ class Replay:
     """The newest sequence number when the replay was read."""
     gaps: frozenset[str] = field(default_factory=frozenset)
     """Channels whose history no longer reaches back to the cursor."""
+    floors: Mapping[str, int] | None = None
+    """For each channel, the sequence number after which its history is complete, when
+    the backend reports it: then one read also answers a later cursor on a channel
+    that is no gap for the read's own cursor."""
+
+
+_next_publication_key = itertools.count(1).__next__
+
+
+@dataclass(frozen=True, slots=True)
+class Publication:
+    """One event to publish, as the service hands it to :meth:`Backend.publish_many`."""
+
+    channel: str
+    payload: bytes
+    """Opaque bytes, delivered as they are."""
+    event_id: str | None
+    """The publisher's id, or None to use the sequence number."""
+    store: bool
+    """Keep it in the channel's history (False for events to one client)."""
+    index: Collection[str] = ()
+    """More channels the id resolves through, as ``index`` of :meth:`Backend.publish`."""
+    key: int = field(default_factory=_next_publication_key)
+    """Unique in this process, drawn once when the event is queued. A batch sent again
+    after a failure carries the same keys, so a backend can recognise what it stored."""
 
 
 Deliver = Callable[[Message], None]
@@ -74,19 +103,45 @@ class Backend(ABC):
         """Stop delivering these channels to this process."""
 
     @abstractmethod
-    async def publish(self, channel: str, payload: bytes, event_id: str | None, *, store: bool) -> Message:
+    async def publish(
+        self, channel: str, payload: bytes, event_id: str | None, *, store: bool, index: Collection[str] = ()
+    ) -> Message:
         """Assign the next sequence number, keep the message in the channel's history
         if ``store``, and deliver it to every process listening to ``channel``; storing
-        and announcing are one atomic step."""
+        and announcing are one atomic step.
+
+        A publisher's ``event_id`` is indexed for :meth:`resolve` under ``channel``
+        when the message is stored, and under every channel of ``index``: for a
+        message kept out of history (one client's), the channels its recipient reads,
+        so that the recipient resumes from it after reconnecting as a new client.
+        An id indexed twice under one channel is marked repeated there."""
+
+    async def publish_many(self, publications: Sequence[Publication]) -> list[Message]:
+        """Publish every event, in order, as :meth:`publish` does each; return their
+        messages in the same order. Backends override it to send a batch at once (one
+        round trip); a batch sent again with the same :attr:`Publication.key` values
+        after a failure must not be stored twice. On error, a prefix of the batch may
+        have been published."""
+        return [
+            await self.publish(p.channel, p.payload, p.event_id, store=p.store, index=p.index) for p in publications
+        ]
 
     @abstractmethod
     async def head(self) -> int:
         """The newest sequence number assigned (0 before the first)."""
 
     @abstractmethod
-    async def resolve(self, event_id: str) -> int | None:
-        """The sequence number of a stored message with this id (a publisher's id or
-        the decimal form of a sequence number), or None when it is unknown."""
+    async def resolve(self, event_id: str, channels: Collection[str]) -> int | None:
+        """The sequence number a client reading ``channels`` resumes after, or None
+        when the id is unknown to it.
+
+        A publisher's id resolves only through the channels it was indexed under (see
+        :meth:`publish`): exactly one message with that id among ``channels`` gives its
+        sequence number; none, or more than one (an id repeated on a channel, or found
+        on several of them), gives None, so that a repeated id never makes a resume
+        skip events and a client cannot learn whether an id exists on a channel it
+        does not read. The decimal form of a sequence number resolves to itself while
+        it is not past :meth:`head`."""
 
     @abstractmethod
     async def replay(self, channels: Collection[str], after: int | None) -> Replay:
@@ -99,12 +154,19 @@ class Backend(ABC):
         whose store expires entries itself (Redis) need not override it."""
         return None
 
-    def publish_nowait(self, channel: str, payload: bytes, event_id: str | None, *, store: bool) -> Message | None:
+    def publish_nowait(
+        self, channel: str, payload: bytes, event_id: str | None, *, store: bool, index: Collection[str] = ()
+    ) -> Message | None:
         """Publish synchronously when the backend can (in-process ones); None otherwise."""
         return None
 
     # Shared backends (``remote``) also carry what makes many workers one service.
     # The in-process defaults below do nothing: one process needs none of it.
+
+    settle: Callable[[], Awaitable[None]] | None = None
+    """Set by the service: a backend that delivers many messages in a row (a burst read
+    from its store) awaits it between batches, so that the service writes them to the
+    streams before more arrive and a fast reader is not taken for a slow consumer."""
 
     lost: Callable[[Collection[str]], None] | None = None
     """Set by the service: a remote backend calls it with the channels whose missed

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import time
-from collections import deque
-from collections.abc import Collection
+from collections import OrderedDict, deque
+from collections.abc import Collection, Sequence
 
-from fastapi_sse.backends.base import Backend, Deliver, Message, Replay
+from fastapi_sse.backends.base import Backend, Deliver, Message, Publication, Replay
 
-_MAX_LOOSE_IDS = 100_000
+# Index entries kept apart from the history: ids of events for one client, and ids
+# whose events are gone (each for one TTL).
+_MAX_KEPT_IDS = 100_000
+
+# The id index: (channel, id) -> [seq, or _REPEATED once the id came twice on the
+# channel, count of the indexed events still held].
+_REPEATED = -1
+_IdKey = tuple[str, str]
 
 
 class _History:
@@ -31,16 +38,19 @@ class MemoryBackend(Backend):
         self._seq = 0
         self._deliver: Deliver | None = None
         self._history: dict[str, _History] = {}
-        self._ids: dict[str, int] = {}
+        self._ids: dict[_IdKey, list[int]] = {}
+        # Index entries none of whose events is held any more, kept for one TTL as
+        # repeated, so that an id used again on a channel is not taken for the old one.
+        self._spent_ids: OrderedDict[_IdKey, float] = OrderedDict()
         # Highest seq of any channel whose history was dropped whole; a cursor older
         # than this may have missed events on a channel we no longer know.
         self._forgotten_upto = 0
         # Channels whose history was dropped whole keep their own trim mark for one
         # more TTL (channel -> (drop time, mark)), so they stay exact if used again.
         self._marks: dict[str, tuple[float, int]] = {}
-        # Caller ids of events kept out of history (send_to), oldest first, so a
-        # client resuming from one resumes exactly; they expire with the TTL.
-        self._loose_ids: deque[tuple[float, str, int]] = deque()
+        # Index keys of caller ids of events kept out of history (send_to), oldest
+        # first, so a client resuming from one resumes exactly; they expire with the TTL.
+        self._loose_ids: deque[tuple[float, tuple[_IdKey, ...]]] = deque()
 
     async def start(self, deliver: Deliver) -> None:
         self._deliver = deliver
@@ -54,10 +64,20 @@ class MemoryBackend(Backend):
     async def unlisten(self, channels: Collection[str]) -> None:
         return None
 
-    async def publish(self, channel: str, payload: bytes, event_id: str | None, *, store: bool) -> Message:
-        return self.publish_nowait(channel, payload, event_id, store=store)
+    async def publish(
+        self, channel: str, payload: bytes, event_id: str | None, *, store: bool, index: Collection[str] = ()
+    ) -> Message:
+        return self.publish_nowait(channel, payload, event_id, store=store, index=index)
 
-    def publish_nowait(self, channel: str, payload: bytes, event_id: str | None, *, store: bool) -> Message:
+    async def publish_many(self, publications: Sequence[Publication]) -> list[Message]:
+        """Publish the whole batch in order without suspending: nothing else runs
+        between two of its events (each goes through :meth:`publish`)."""
+        publish = self.publish
+        return [await publish(p.channel, p.payload, p.event_id, store=p.store, index=p.index) for p in publications]
+
+    def publish_nowait(
+        self, channel: str, payload: bytes, event_id: str | None, *, store: bool, index: Collection[str] = ()
+    ) -> Message:
         self._seq += 1
         message = Message(self._seq, channel, event_id or str(self._seq), payload)
         if store:
@@ -69,17 +89,21 @@ class MemoryBackend(Backend):
             if self._size:
                 history.entries.append((time.monotonic(), message))
                 if event_id is not None:
-                    self._ids[event_id] = message.seq
+                    self._index((channel, event_id), message.seq)
                 if len(history.entries) > self._size:
                     self._drop_oldest(history)
             else:
                 history.trimmed_upto = message.seq
                 history.kept_until = time.monotonic() + self._ttl
-        elif event_id is not None:
-            self._ids[event_id] = message.seq
-            self._loose_ids.append((time.monotonic(), event_id, message.seq))
-            if len(self._loose_ids) > _MAX_LOOSE_IDS:
-                self._forget_loose_id()
+        if event_id is not None and index:
+            # The channel itself is indexed with the history, which unindexes it.
+            keys = tuple((c, event_id) for c in dict.fromkeys(index) if not (store and self._size and c == channel))
+            for key in keys:
+                self._index(key, message.seq)
+            if keys:
+                self._loose_ids.append((time.monotonic(), keys))
+                if len(self._loose_ids) > _MAX_KEPT_IDS:
+                    self._forget_loose_id()
         if self._deliver is not None:
             self._deliver(message)
         return message
@@ -87,10 +111,11 @@ class MemoryBackend(Backend):
     async def head(self) -> int:
         return self._seq
 
-    async def resolve(self, event_id: str) -> int | None:
-        seq = self._ids.get(event_id)
-        if seq is not None:
-            return seq
+    async def resolve(self, event_id: str, channels: Collection[str]) -> int | None:
+        found = {entry[0] for c in channels if (entry := self._ids.get((c, event_id))) is not None}
+        if found:
+            # One message among the client's channels, else unknown (see Backend.resolve).
+            return found.pop() if len(found) == 1 and _REPEATED not in found else None
         if event_id.isascii() and event_id.isdigit():
             value = int(event_id)
             return value if value <= self._seq else None
@@ -132,11 +157,35 @@ class MemoryBackend(Backend):
                 del self._marks[channel]
         while self._loose_ids and self._loose_ids[0][0] < deadline:
             self._forget_loose_id()
+        while self._spent_ids and next(iter(self._spent_ids.values())) < deadline:
+            self._drop_spent_id()
+
+    def _index(self, key: _IdKey, seq: int) -> None:
+        entry = self._ids.get(key)
+        if entry is None:
+            self._ids[key] = [seq, 1]
+            return
+        entry[0] = _REPEATED
+        entry[1] += 1
+        self._spent_ids.pop(key, None)
+
+    def _unindex(self, key: _IdKey) -> None:
+        entry = self._ids[key]
+        entry[1] -= 1
+        if entry[1] == 0:
+            entry[0] = _REPEATED
+            self._spent_ids[key] = time.monotonic()
+            if len(self._spent_ids) > _MAX_KEPT_IDS:
+                self._drop_spent_id()
+
+    def _drop_spent_id(self) -> None:
+        key, _ = self._spent_ids.popitem(last=False)
+        del self._ids[key]
 
     def _forget_loose_id(self) -> None:
-        _, event_id, seq = self._loose_ids.popleft()
-        if self._ids.get(event_id) == seq:
-            del self._ids[event_id]
+        _, keys = self._loose_ids.popleft()
+        for key in keys:
+            self._unindex(key)
 
     def _expire(self, channel: str, deadline: float) -> None:
         history = self._history.get(channel)
@@ -152,5 +201,5 @@ class MemoryBackend(Backend):
     def _drop_oldest(self, history: _History) -> None:
         _, message = history.entries.popleft()
         history.trimmed_upto = message.seq
-        if message.id != str(message.seq) and self._ids.get(message.id) == message.seq:
-            del self._ids[message.id]
+        if message.id != str(message.seq):
+            self._unindex((message.channel, message.id))

@@ -17,19 +17,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
+import struct
 import uuid
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
+import redis
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import AuthenticationError, NoPermissionError, RedisError, ResponseError
+from redis.exceptions import AuthenticationError, NoPermissionError, NoScriptError, RedisError, ResponseError
+from redis.retry import Retry as BlockingRetry
 
-from fastapi_sse.backends.base import Backend, Deliver, Message, Replay
+from fastapi_sse.backends.base import Backend, Deliver, Message, Publication, Replay
 from fastapi_sse.errors import BackendError
 
 if TYPE_CHECKING:
@@ -109,81 +111,178 @@ return redis.call('GET', KEYS[1])
 """
 )
 
-# History entries are members "seq:ms:<id length>:<id><payload>" scored by seq, so one
-# ZRANGEBYSCORE answers a replay; ms (server time) lets entries expire one by one.
-# A publish whose reply was lost is sent again by redis-py's retry with the same
-# arguments; its token's key holds the seq the first run gave it, so the event is
-# stored and announced once.
-# KEYS: seq, history, last, live, trim, floor, ids, id times, dead, worker backlog, token
-# ARGV: channel, event id or '', payload, store, history size, ttl ms, pubsub channel, id index size,
-#       '1' to keep the message in the worker backlog (events for one client), token ttl ms
+# The id index is a hash of fields "<channel>\n<id>" (ids hold no LF) whose value is
+# the seq, or 'r' once the id was published twice on that channel; the id times
+# sorted set scores each field by its last use, to expire it and cap the index.
+# ``count`` is the size of the id times set (read once per batch, kept up to date).
+_ID_INDEX = """
+local function expire_ids(k_ids, k_times, cutoff)
+  local old = redis.call('ZRANGEBYSCORE', k_times, '-inf', cutoff, 'LIMIT', 0, 256)
+  if #old > 0 then
+    redis.call('ZREM', k_times, unpack(old))
+    redis.call('HDEL', k_ids, unpack(old))
+  end
+end
+local function index_id(k_ids, k_times, id, sseq, now, channels, cap, count)
+  for _, channel in ipairs(channels) do
+    local field = channel .. '\\n' .. id
+    if redis.call('HSETNX', k_ids, field, sseq) == 0 then redis.call('HSET', k_ids, field, 'r') end
+    count = count + redis.call('ZADD', k_times, now, field)
+  end
+  local extra = count - cap
+  if extra > 0 then
+    local gone = redis.call('ZPOPMIN', k_times, extra)
+    for i = 1, #gone, 2 do redis.call('HDEL', k_ids, gone[i]) end
+    count = count - #gone / 2
+  end
+  return count
+end
+"""
+
+# One call stores and announces a batch of events, in order, atomically: one INCRBY
+# numbers them (seqs first..first+n-1), each is PUBLISHed in that order, and the work
+# per channel (trimming, expiry, the channel's marks) and per batch (sweeps) is done
+# once. History entries are members "seq:ms:<id length>:<id><payload>" scored by seq,
+# so one ZRANGEBYSCORE answers a replay; ms (server time) lets a replay expire entries
+# one by one. The token key holds the first seq while a re-send of the same batch can
+# arrive (redis-py's retry after a lost reply, the outbox's after a failure): the
+# batch is then not stored again. The caller deletes token keys once it has the
+# reply, in a later call (the keys after the batch's own).
+# KEYS: seq, last, live, trim, floor, ids, id times, dead, token, then the worker
+#       backlog keys the events name, then the token keys to delete
+# ARGV: history size, ttl ms, id index size, token ttl ms, events, token keys to delete,
+#       the events, the prefix of history keys (a channel's is the prefix and its name)
+#       The events: for each, a header (struct '>BHHHIHH': store, the index in KEYS of
+#       its worker backlog (one client's events) or 0, then
+#       the lengths of channel, id, payload and pubsub channel, and the number of
+#       channels its id is indexed under), those four strings, then each indexed
+#       channel as a '>H' length and its bytes
 _PUBLISH = (
     _SWEEP
     + _START
+    + _ID_INDEX
     + """
-local done = redis.call('GET', KEYS[11])
+local k_seq, k_last, k_live, k_trim, k_floor = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local k_ids, k_times, k_dead, k_token = KEYS[6], KEYS[7], KEYS[8], KEYS[9]
+local forget = tonumber(ARGV[6])
+if forget > 0 then redis.call('DEL', unpack(KEYS, #KEYS - forget + 1, #KEYS)) end
+local done = redis.call('GET', k_token)
 if done then return tonumber(done) end
-start_counter(KEYS[1], KEYS[6])
-local seq = redis.call('INCR', KEYS[1])
-local sseq = string.format('%d', seq)
-redis.call('SET', KEYS[11], sseq, 'PX', ARGV[10])
-local channel, id, payload = ARGV[1], ARGV[2], ARGV[3]
-local size, ttl = tonumber(ARGV[5]), tonumber(ARGV[6])
+local size, ttl, id_cap, n = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[5])
+start_counter(k_seq, k_floor)
+local first = redis.call('INCRBY', k_seq, n) - n + 1
+redis.call('SET', k_token, string.format('%d', first), 'PX', ARGV[4])
 local now = now_ms()
 local cutoff = now - ttl
-sweep(KEYS[4], KEYS[3], KEYS[5], KEYS[6], KEYS[9], cutoff, now)
-local ids_cutoff = redis.call('ZRANGEBYSCORE', KEYS[8], '-inf', cutoff, 'LIMIT', 0, 256)
-if #ids_cutoff > 0 then
-  redis.call('ZREM', KEYS[8], unpack(ids_cutoff))
-  redis.call('HDEL', KEYS[7], unpack(ids_cutoff))
-end
-if ARGV[4] == '1' and size > 0 then
-  if redis.call('ZREM', KEYS[9], channel) == 0 and redis.call('HEXISTS', KEYS[5], channel) == 0 then
-    -- A channel unknown for two TTLs may have had a history that expired whole.
-    redis.call('HSET', KEYS[5], channel, redis.call('GET', KEYS[6]) or '0')
+local snow = string.format('%d', now)
+sweep(k_live, k_last, k_trim, k_floor, k_dead, cutoff, now)
+expire_ids(k_ids, k_times, cutoff)
+local id_count = nil
+local histories, history_order, backlogs, backlog_order = {}, {}, {}, {}
+local blob, pos, history_prefix = ARGV[7], 1, ARGV[8]
+local sub, unpack_header = string.sub, struct.unpack
+for seq = first, first + n - 1 do
+  local store, key, cl, il, pl, rl, indexed
+  store, key, cl, il, pl, rl, indexed, pos = unpack_header('>BHHHIHH', blob, pos)
+  local channel = sub(blob, pos, pos + cl - 1)
+  local id = sub(blob, pos + cl, pos + cl + il - 1)
+  pos = pos + cl + il
+  local payload = sub(blob, pos, pos + pl - 1)
+  local route = sub(blob, pos + pl, pos + pl + rl - 1)
+  pos = pos + pl + rl
+  local sseq = string.format('%d', seq)
+  if store == 1 and size > 0 then
+    local h = histories[channel]
+    if h == nil then
+      h = {channel = channel, members = {}}
+      histories[channel] = h
+      table.insert(history_order, channel)
+    end
+    local eid = id
+    if eid == '' then eid = sseq end
+    table.insert(h.members, seq)
+    table.insert(h.members, sseq .. ':' .. snow .. ':' .. #eid .. ':' .. eid .. payload)
+    h.last = sseq
   end
-  local eid = id
-  if eid == '' then eid = sseq end
-  redis.call('ZADD', KEYS[2], seq, sseq .. ':' .. string.format('%d', now) .. ':' .. #eid .. ':' .. eid .. payload)
-  local n = redis.call('ZCARD', KEYS[2])
-  if n > size then
-    local cut = redis.call('ZRANGE', KEYS[2], n - size - 1, n - size - 1, 'WITHSCORES')
-    redis.call('ZREMRANGEBYRANK', KEYS[2], 0, n - size - 1)
-    redis.call('HSET', KEYS[5], channel, cut[2])
+  -- Ids of events kept out of history (send_to) are indexed too, under the channels
+  -- their recipient reads: a client that resumes from one is at a known position.
+  if id ~= '' then
+    local channels = {}
+    for j = 1, indexed do
+      local length
+      length, pos = unpack_header('>H', blob, pos)
+      channels[j] = sub(blob, pos, pos + length - 1)
+      pos = pos + length
+    end
+    if id_count == nil then id_count = redis.call('ZCARD', k_times) end
+    id_count = index_id(k_ids, k_times, id, sseq, now, channels, id_cap, id_count)
   end
-  expire_entries(KEYS[2], KEYS[5], channel, cutoff)
-  redis.call('PEXPIRE', KEYS[2], ttl)
-  redis.call('ZADD', KEYS[4], now, channel)
-  redis.call('HSET', KEYS[3], channel, sseq)
-end
--- Ids of events kept out of history (send_to) are indexed too: a client that
--- resumes from one is at a known position in the sequence.
-if id ~= '' then
-  redis.call('HSET', KEYS[7], id, sseq)
-  redis.call('ZADD', KEYS[8], now, id)
-  local extra = redis.call('ZCARD', KEYS[8]) - tonumber(ARGV[8])
-  if extra > 0 then
-    local gone = redis.call('ZPOPMIN', KEYS[8], extra)
-    for i = 1, #gone, 2 do redis.call('HDEL', KEYS[7], gone[i]) end
+  local message = sseq .. '\\n' .. #id .. '\\n' .. #channel .. '\\n' .. id .. channel .. payload
+  if key > 0 then
+    -- Events for one client are kept out of history but in a short backlog of their
+    -- worker, so that a worker cut off from Redis can catch up on them too.
+    if backlogs[key] == nil then
+      backlogs[key] = {}
+      table.insert(backlog_order, key)
+    end
+    table.insert(backlogs[key], message)
   end
+  redis.call('PUBLISH', route, message)
 end
-local message = sseq .. '\\n' .. #id .. '\\n' .. #channel .. '\\n' .. id .. channel .. payload
-if ARGV[9] == '1' then
-  -- Events for one client are kept out of history but in a short backlog of their
-  -- worker, so that a worker cut off from Redis can catch up on them too.
-  local cap = size
-  if cap < 1 then cap = 1 end
-  redis.call('LPUSH', KEYS[10], message)
-  redis.call('LTRIM', KEYS[10], 0, cap - 1)
-  redis.call('PEXPIRE', KEYS[10], ttl)
+if #history_order > 0 then
+  local channels, live, last = {}, {}, {}
+  for i, channel in ipairs(history_order) do
+    local h = histories[channel]
+    channels[i] = channel
+    table.insert(live, now)
+    table.insert(live, h.channel)
+    table.insert(last, h.channel)
+    table.insert(last, h.last)
+  end
+  -- A channel seen for the first time in two TTLs may have had a history that expired
+  -- whole: it starts with the floor as its trim mark. A channel in the dead set always
+  -- has a trim mark (sweep sets both), and leaves that set now.
+  local marks, fresh, known = redis.call('HMGET', k_trim, unpack(channels)), {}, {}
+  local floor = redis.call('GET', k_floor) or '0'
+  for i, channel in ipairs(channels) do
+    if marks[i] then
+      table.insert(known, channel)
+    else
+      table.insert(fresh, channel)
+      table.insert(fresh, floor)
+    end
+  end
+  if #known > 0 then redis.call('ZREM', k_dead, unpack(known)) end
+  if #fresh > 0 then redis.call('HSET', k_trim, unpack(fresh)) end
+  for _, channel in ipairs(history_order) do
+    local h, hist = histories[channel], history_prefix .. channel
+    redis.call('ZADD', hist, unpack(h.members))
+    local count = redis.call('ZCARD', hist)
+    if count > size then
+      local cut = redis.call('ZRANGE', hist, count - size - 1, count - size - 1, 'WITHSCORES')
+      redis.call('ZREMRANGEBYRANK', hist, 0, count - size - 1)
+      redis.call('HSET', k_trim, h.channel, cut[2])
+    end
+    redis.call('PEXPIRE', hist, ttl)
+  end
+  redis.call('ZADD', k_live, unpack(live))
+  redis.call('HSET', k_last, unpack(last))
 end
-redis.call('PUBLISH', ARGV[7], message)
-return seq
+local cap = size
+if cap < 1 then cap = 1 end
+for _, key in ipairs(backlog_order) do
+  redis.call('LPUSH', KEYS[key], unpack(backlogs[key]))
+  redis.call('LTRIM', KEYS[key], 0, cap - 1)
+  redis.call('PEXPIRE', KEYS[key], ttl)
+end
+return first
 """
 )
 
 # KEYS: seq, last, live, trim, floor, dead, then one history key per channel
 # ARGV: after, ttl ms, then the channels
+# Returns the head, the gaps, the entries after the cursor and each channel's floor
+# (its history is complete after it), so that one read serves later cursors too.
 _REPLAY = (
     _SWEEP
     + """
@@ -192,25 +291,28 @@ local now = now_ms()
 local cutoff = now - ttl
 sweep(KEYS[3], KEYS[2], KEYS[4], KEYS[5], KEYS[6], cutoff, now)
 local floor = tonumber(redis.call('GET', KEYS[5]) or '0')
-local gaps, found = {}, {}
+local gaps, found, floors = {}, {}, {}
 for i = 3, #ARGV do
   local channel, hist = ARGV[i], KEYS[i + 4]
   expire_entries(hist, KEYS[4], channel, cutoff)
   local trim = redis.call('HGET', KEYS[4], channel)
-  if redis.call('EXISTS', hist) == 0 then
-    local mark = floor
+  local held = redis.call('EXISTS', hist) == 1
+  local mark = tonumber(trim or '0')
+  if not held then
+    mark = floor
     if trim then mark = math.max(tonumber(trim), tonumber(redis.call('HGET', KEYS[2], channel) or '0')) end
-    if after < mark then table.insert(gaps, channel) end
-  elseif tonumber(trim or '0') > after then
+  end
+  table.insert(floors, string.format('%d', mark))
+  if mark > after then
     table.insert(gaps, channel)
-  else
+  elseif held then
     for _, m in ipairs(redis.call('ZRANGEBYSCORE', hist, '(' .. ARGV[1], '+inf')) do
       table.insert(found, channel)
       table.insert(found, m)
     end
   end
 end
-return {redis.call('GET', KEYS[1]) or '0', gaps, found}
+return {redis.call('GET', KEYS[1]) or '0', gaps, found, floors}
 """
 )
 
@@ -235,6 +337,42 @@ end
 redis.call('ZADD', KEYS[1], now, ARGV[1])
 return evicted
 """
+
+
+_HEADER = struct.Struct(">BHHHIHH")
+_LENGTH = struct.Struct(">H")
+"""How the events of a script call are packed into one argument (see ``_PUBLISH``)."""
+
+_SCRIPT_EVENTS = 2000
+_SCRIPT_BYTES = 2 * 2**20
+"""At most this many events (and payload bytes) per call of the publish script: Redis
+runs nothing else while a script runs (about 35 ms for 2,000 events here), and the
+script unpacks two values per event into one command, under Lua's limit of 8,000."""
+
+_INLINE_EVENTS = 64
+"""Batches up to this size are sent from the event loop; larger ones from a thread."""
+
+_DELIVER_BATCH = 256
+"""Messages the subscription reader delivers before it lets the streams' writer run."""
+
+_NAMES_MAX = 50_000
+"""Channels whose encoded names and routes are kept for the next publishes."""
+
+_FORGET_MAX = 10_000
+"""Token keys remembered for deletion; beyond, they expire on their own."""
+
+
+def _chunks(publications: Sequence[Publication]) -> list[Sequence[Publication]]:
+    """The batch cut into script calls (always the same cut for the same batch)."""
+    chunks: list[Sequence[Publication]] = []
+    start = size = 0
+    for i, p in enumerate(publications):
+        if i > start and (i - start >= _SCRIPT_EVENTS or size + len(p.payload) > _SCRIPT_BYTES):
+            chunks.append(publications[start:i])
+            start, size = i, 0
+        size += len(p.payload)
+    chunks.append(publications[start:])
+    return chunks
 
 
 def _redact(url: str) -> str:
@@ -307,12 +445,17 @@ class RedisBackend(Backend):
         self._ready: asyncio.Future[None] | None = None
         self._reader: asyncio.Task[None] | None = None
         self._last_seq = 0
+        self._burst = 0  # messages delivered since the reader last let the writer run
         self._closing = False
-        # Publish tokens: unique per publish call, kept by Redis as long as a retry
-        # of that call can arrive (two timeouts, and a second of slack).
-        self._token_prefix = uuid.uuid4().hex[:12] + ":"
-        self._publishes = itertools.count()
-        self._token_ttl_ms = round((2 * timeout + 1) * 1000)
+        # Publish tokens: one per script call, named by its batch (see _PUBLISH); the
+        # prefix is drawn at start, in the process that publishes. Redis keeps a token
+        # until its reply arrives (the next call deletes it), or for as long as history
+        # when it never does.
+        self._token_prefix = ""
+        self._acknowledged: list[str] = []
+        self._names: dict[str, tuple[bytes, bytes, str | None]] = {}
+        self._blocking: redis.Redis | Any = None
+        self._token_ttl_ms = round(max(history_ttl, 2 * timeout + 1) * 1000)
         k = key_prefix
         self._k_seq, self._k_last, self._k_live = k + "seq", k + "last", k + "live"
         self._k_trim, self._k_floor, self._k_dead = k + "trim", k + "floor", k + "dead"
@@ -405,7 +548,20 @@ class RedisBackend(Backend):
                 f"cannot reach Redis at {where} ({exc}): check SSE_REDIS_URL and that the server is running"
             ) from None
         self._redis = client
+        # Publishing runs in a thread on its own pool: waiting for Redis there does not
+        # wait for turns of an event loop busy delivering (and the GIL is free meanwhile).
+        self._blocking = redis.Redis.from_pool(
+            redis.BlockingConnectionPool.from_url(
+                self.url,
+                max_connections=self.max_connections,
+                timeout=self.timeout,
+                retry=BlockingRetry(NoBackoff(), 1),
+                socket_timeout=self.timeout,
+                socket_connect_timeout=self.timeout,
+            )
+        )
         self._closing = False
+        self._token_prefix = uuid.uuid4().hex[:12] + ":"
         self._publish_script = client.register_script(_PUBLISH)
         self._replay_script = client.register_script(_REPLAY)
         self._claim_script = client.register_script(_CLAIM)
@@ -428,6 +584,7 @@ class RedisBackend(Backend):
         if self._redis is not None:
             await self._redis.aclose()
             await self._subscriber.aclose()
+            self._blocking.close()
             self._redis = None
         self._deliver = None
 
@@ -517,11 +674,80 @@ class RedisBackend(Backend):
             raise BackendError("the redis backend is not started")
         return self._redis
 
-    async def publish(self, channel: str, payload: bytes, event_id: str | None, *, store: bool) -> Message:
+    async def publish(
+        self, channel: str, payload: bytes, event_id: str | None, *, store: bool, index: Collection[str] = ()
+    ) -> Message:
+        return (await self.publish_many([Publication(channel, payload, event_id, store, index)]))[0]
+
+    async def publish_many(self, publications: Sequence[Publication]) -> list[Message]:
+        """Store and announce a batch in one round trip: one script call per
+        ``_SCRIPT_EVENTS`` events, pipelined. Sent again with the same publication keys
+        (after a failure), the calls that already ran are not stored again."""
         self._client()
-        keys = [
+        if not publications:
+            return []
+        chunks = _chunks(publications)
+        forget, self._acknowledged = self._acknowledged, []
+        try:
+            if len(publications) <= _INLINE_EVENTS:
+                # A few events: one call from the loop costs less than a thread hop.
+                calls = [self._script_call(chunks[0])]
+                calls[0][1][5] = len(forget)
+                calls[0][0].extend(forget)
+                firsts = [await self._publish_script(*calls[0])]
+            else:
+                # Built in the thread too: the event loop goes on with its streams.
+                calls, firsts = await asyncio.to_thread(self._build_and_send, chunks, forget)
+        except (RedisError, OSError) as exc:
+            # The token keys may not have been deleted: the next call deletes them.
+            self._acknowledged = forget + self._acknowledged
+            raise BackendError(
+                f"could not publish to channel {publications[0].channel!r} on Redis at {_redact(self.url)}: {exc}"
+            ) from exc
+        if len(self._acknowledged) < _FORGET_MAX:
+            self._acknowledged += [keys[8] for keys, _ in calls]
+        messages = []
+        for chunk, first in zip(chunks, firsts, strict=True):
+            seq = int(first)
+            for p in chunk:
+                messages.append(Message(seq, p.channel, p.event_id or str(seq), p.payload))
+                seq += 1
+        return messages
+
+    def _build_and_send(
+        self, chunks: list[Sequence[Publication]], forget: list[str]
+    ) -> tuple[list[tuple[list[Any], list[Any]]], list[Any]]:
+        """In a thread: the script calls of a batch (the first also deletes the token
+        keys ``forget``), and their first seqs once run in one round trip."""
+        calls = [self._script_call(chunk) for chunk in chunks]
+        calls[0][1][5] = len(forget)
+        calls[0][0].extend(forget)
+        return calls, self._send(calls)
+
+    def _send(self, calls: list[tuple[list[Any], list[Any]]]) -> list[Any]:
+        """Run the script calls in one round trip, by hash; load the script once more
+        if Redis lost it (calls that ran before are recognised by their tokens).
+        Returns each call's first seq."""
+        sha = self._publish_script.sha
+        for attempt in range(2):
+            try:
+                if len(calls) == 1:
+                    keys, args = calls[0]
+                    return [self._blocking.evalsha(sha, len(keys), *keys, *args)]
+                with self._blocking.pipeline(transaction=False) as pipe:
+                    for keys, args in calls:
+                        pipe.evalsha(sha, len(keys), *keys, *args)
+                    return list(pipe.execute())
+            except NoScriptError:
+                if attempt:
+                    raise
+                self._blocking.script_load(_PUBLISH)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _script_call(self, chunk: Sequence[Publication]) -> tuple[list[Any], list[Any]]:
+        """KEYS and ARGV of one call of the publish script (see ``_PUBLISH``)."""
+        keys: list[Any] = [
             self._k_seq,
-            self.prefix + "h:" + channel,
             self._k_last,
             self._k_live,
             self._k_trim,
@@ -529,28 +755,48 @@ class RedisBackend(Backend):
             self._k_ids,
             self._k_id_times,
             self._k_dead,
-            self._backlog(channel) or self._k_dead,
-            f"{self.prefix}done:{self._token_prefix}{next(self._publishes)}",
+            # Named by the batch's first publication and its length: the same batch
+            # sent again has the same token.
+            f"{self.prefix}done:{self._token_prefix}{chunk[0].key}:{len(chunk)}",
         ]
         args: list[Any] = [
-            channel,
-            event_id or "",
-            payload,
-            "1" if store else "0",
             self.history_size,
             round(self.history_ttl * 1000),
-            self._route(channel),
             self.id_index_size,
-            "1" if self._backlog(channel) else "0",
             self._token_ttl_ms,
+            len(chunk),
+            0,
         ]
-        try:
-            seq = int(await self._publish_script(keys, args))
-        except (RedisError, OSError) as exc:
-            raise BackendError(
-                f"could not publish to channel {channel!r} on Redis at {_redact(self.url)}: {exc}"
-            ) from exc
-        return Message(seq, channel, event_id or str(seq), payload)
+        positions: dict[str, int] = {}
+        names = self._names
+        parts: list[bytes] = []
+        for p in chunk:
+            channel = p.channel
+            found = names.get(channel)
+            if found is None:
+                if len(names) >= _NAMES_MAX:
+                    names.clear()
+                found = names[channel] = (channel.encode(), self._route(channel).encode(), self._backlog(channel))
+            name, route, backlog = found
+            position = 0
+            if backlog is not None and not p.store:
+                position = positions.get(backlog, 0)
+                if not position:
+                    keys.append(backlog)
+                    position = positions[backlog] = len(keys)
+            if p.event_id is None:
+                header = _HEADER.pack(p.store, position, len(name), 0, len(p.payload), len(route), 0)
+                parts += (header, name, p.payload, route)
+                continue
+            event_id = p.event_id.encode()
+            # The channels the id resolves through (see Backend.publish), each once.
+            indexed = [c.encode() for c in dict.fromkeys([channel, *p.index] if p.store else p.index)]
+            header = _HEADER.pack(p.store, position, len(name), len(event_id), len(p.payload), len(route), len(indexed))
+            parts += (header, name, event_id, p.payload, route)
+            for c in indexed:
+                parts += (_LENGTH.pack(len(c)), c)
+        args += (b"".join(parts), self.prefix + "h:")
+        return keys, args
 
     async def head(self) -> int:
         try:
@@ -558,13 +804,16 @@ class RedisBackend(Backend):
         except (RedisError, OSError) as exc:
             raise BackendError(f"could not read from Redis at {_redact(self.url)}: {exc}") from exc
 
-    async def resolve(self, event_id: str) -> int | None:
+    async def resolve(self, event_id: str, channels: Collection[str]) -> int | None:
+        fields = [c + "\n" + event_id for c in dict.fromkeys(channels)]
         try:
-            seq = await self._client().hget(self._k_ids, event_id)
+            values: list[bytes | None] = await self._client().hmget(self._k_ids, fields) if fields else []  # type: ignore[assignment]
         except (RedisError, OSError) as exc:
             raise BackendError(f"could not read from Redis at {_redact(self.url)}: {exc}") from exc
-        if seq is not None:
-            return int(seq)
+        found = {v for v in values if v is not None}
+        if found:
+            # One message among the client's channels, else unknown (see Backend.resolve).
+            return int(found.pop()) if len(found) == 1 and b"r" not in found else None
         if event_id.isascii() and event_id.isdigit():
             value = int(event_id)
             return value if value <= await self.head() else None
@@ -577,12 +826,13 @@ class RedisBackend(Backend):
         keys = [self._k_seq, self._k_last, self._k_live, self._k_trim, self._k_floor, self._k_dead]
         keys += [self.prefix + "h:" + c for c in names]
         try:
-            head, gaps, found = await self._replay_script(keys, [after, round(self.history_ttl * 1000), *names])
+            head, gaps, found, floors = await self._replay_script(keys, [after, round(self.history_ttl * 1000), *names])
         except (RedisError, OSError) as exc:
             raise BackendError(f"could not read history from Redis at {_redact(self.url)}: {exc}") from exc
         messages = [_parse_member(found[i].decode(), found[i + 1]) for i in range(0, len(found), 2)]
         messages.sort(key=lambda m: m.seq)
-        return Replay(messages, int(head), frozenset(g.decode() for g in gaps))
+        floor_of = dict(zip(names, map(int, floors), strict=True))
+        return Replay(messages, int(head), frozenset(g.decode() for g in gaps), floor_of)
 
     # -- presence and shared limits ---------------------------------------------------------
 
@@ -680,6 +930,7 @@ class RedisBackend(Backend):
                 delay = 0.05
                 for message in pending:
                     self._on_message(message)
+                self._burst = len(pending)
                 await self._read(pubsub)
             except asyncio.CancelledError:
                 raise
@@ -759,8 +1010,10 @@ class RedisBackend(Backend):
                 # its clients may be gone. Their clients resume (and replay channels).
                 gaps.update(c for c in self._listened if c.startswith(_CLIENT_PREFIX))
         messages.sort(key=lambda m: m.seq)
-        for message in messages:
+        for done, message in enumerate(messages, 1):
             self._handle(message)
+            if not done % _DELIVER_BATCH:
+                await self._settle()
         if gaps:
             logger.warning(
                 "history no longer holds what %d channel(s) missed while Redis was unreachable; "
@@ -782,6 +1035,15 @@ class RedisBackend(Backend):
                 continue
             probe_sent = False
             self._on_message(message)
+            self._burst += 1
+            if self._burst >= _DELIVER_BATCH:
+                # Data already buffered is read without suspending: let the writer
+                # write this batch before the next one.
+                await self._settle()
+
+    async def _settle(self) -> None:
+        self._burst = 0
+        await (self.settle() if self.settle is not None else asyncio.sleep(0))
 
     def _on_message(self, message: dict[str, Any]) -> None:
         kind = message["type"]

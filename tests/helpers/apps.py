@@ -14,7 +14,12 @@ from fastapi_sse import SSEDep, SSEService, SSESettings, allow_all, create_sse_r
 
 def fast_settings(**overrides: Any) -> SSESettings:
     """Settings with intervals small enough for tests (no heartbeat unless asked)."""
-    values: dict[str, Any] = {"heartbeat_interval": 3600.0, "retry_interval": 0.5}
+    values: dict[str, Any] = {
+        "heartbeat_interval": 3600.0,
+        "retry_interval": 0.5,
+        "drain_window": 0.0,
+        "retry_jitter": 0.0,
+    }
     values.update(overrides)
     return SSESettings(**values)
 

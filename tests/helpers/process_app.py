@@ -11,7 +11,7 @@ app.include_router(create_sse_router(authorize=allow_all))
 
 
 @app.post("/publish")
-def publish(sse: SSEDep, channel: str, count: int = 1) -> dict[str, int]:
+def publish(sse: SSEDep, channel: str, count: int = 1, event: str = "tick") -> dict[str, int]:
     for i in range(count):
-        sse.broadcast(channel, "tick", {"i": i})
+        sse.broadcast(channel, event, {"i": i})
     return {"published": count}

@@ -273,3 +273,20 @@ class RawReader(threading.Thread):
                 self.eof = True
                 break
             self.data += chunk
+
+
+def soft_refusal(response: httpx.Response) -> str:
+    """Assert that ``response`` refuses a stream the way that keeps a browser's EventSource
+    coming back (a 200 stream with a ``retry:`` delay, then its end); return the reason."""
+    assert response.status_code == 200, (response.status_code, response.text)
+    assert response.headers["content-type"].startswith("text/event-stream")
+    assert retry_of(response) >= 0, response.content
+    comment = next(line for line in response.text.splitlines() if line.startswith(": refused: "))
+    return comment.removeprefix(": refused: ")
+
+
+def retry_of(response: httpx.Response) -> int:
+    """The ``retry:`` delay, in milliseconds, that a refused stream's body opens with."""
+    first = response.text.split("\n", 1)[0]
+    assert first.startswith("retry: ") and first.removeprefix("retry: ").isdigit(), response.text
+    return int(first.removeprefix("retry: "))
