@@ -15,6 +15,7 @@ import json
 import re
 import resource
 import socket
+import statistics
 import sys
 import time
 from array import array
@@ -216,9 +217,12 @@ async def connect_idle(load: Load, spec: dict[str, Any], paths: list[str]) -> di
         "refused": tally.refused + tally.failed,
         "connect_per_s": n / connect_s,
         "rss_per_conn": (idle["rss"] - before["rss"]) / n,
-        "objects_per_conn": (idle["gc_objects"] - before["gc_objects"]) / n,
         "rss_idle": idle["rss"],
     }
+    # Python apps count live objects, Node reports its JS heap.
+    for key, name in (("gc_objects", "objects_per_conn"), ("heap_used", "heap_per_conn")):
+        if key in idle:
+            result[name] = (idle[key] - before[key]) / n
     return result
 
 
@@ -265,6 +269,35 @@ async def run_fanout(load: Load, spec: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+async def run_paced(load: Load, spec: dict[str, Any]) -> dict[str, Any]:
+    """Broadcasts paced one at a time: each is published once the one before reached every
+    subscriber, so each measures one broadcast to all, with no batching of events."""
+    n, events = spec["clients"], spec["events"]
+    tally = load.tally
+    deadline = spec.get("deadline", 120.0)
+    result = await connect_idle(load, spec, ["/sse?channel=bench"] * n)
+    await load.post("/reset")
+    cpu0 = (await load.stats())["cpu"]
+    started = time.monotonic()
+    reach = []
+    for index in range(events):
+        await load.post("/publish", n=1, start=index, size=spec["size"])
+        await load.until(lambda i=index: tally.counts.get(i, 0) >= n, deadline, f"broadcast {index} to reach all")
+        reach.append(tally.worst[index])
+    elapsed = tally.last_recv - started
+    after = await load.stats()
+    result.update(
+        {
+            "events_per_s": n * events / elapsed,
+            "one_broadcast_s": statistics.median(reach),
+            **{f"latency_{k}": v for k, v in quantiles(tally.latencies).items()},
+            "gc_full_max": max(after["gc_full_pauses"], default=0.0),
+            "cpu_us_per_event": 1e6 * (after["cpu"] - cpu0) / (n * events),
+        }
+    )
+    return result
+
+
 async def wait_live(load: Load, n: int, deadline: float) -> int:
     """Publish warm-up events until one reaches all ``n`` streams; return the next free index."""
     tally = load.tally
@@ -285,11 +318,14 @@ async def run_users(load: Load, spec: dict[str, Any]) -> dict[str, Any]:
     n, events = spec["clients"], spec["events"]
     tally = load.tally
     result = await connect_idle(load, spec, [f"/sse?channel=user:{k}&user={k}" for k in range(n)])
+    cpu0 = (await load.stats())["cpu"]
     sent = await load.post("/publish_users", n=events, users=n, interval=spec["interval"], size=spec["size"])
     await load.until(lambda: tally.received >= events, spec.get("deadline", 120.0), "every user event")
+    cpu = (await load.stats())["cpu"] - cpu0
     result.update(
         {
             "events_per_s": events / (tally.last_recv - sent),
+            "cpu_us_per_event": 1e6 * cpu / events,
             **{f"latency_{k}": v for k, v in quantiles(tally.latencies).items()},
         }
     )
@@ -446,6 +482,7 @@ async def floor_rate(spec: dict[str, Any], events: int, start: int) -> float:
 
 SCENARIOS = {
     "fanout": run_fanout,
+    "paced": run_paced,
     "users": run_users,
     "single": run_single,
     "stalled": run_stalled,

@@ -26,12 +26,20 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.peers import servers as peers  # noqa: E402
 from tests.conftest import free_port, start_redis, wait_for_port  # noqa: E402
 
 APPS = {
     "ours": "bench.apps.ours:app",
     "straightforward": "bench.baselines.straightforward:app",
     "builtin": "bench.baselines.builtin:app",
+    "ours-middleware": "bench.apps.ours:app",
+    "better-sse": "node:app.mjs",
+    "aiohttp-sse": "aiohttp:bench.peers.aiohttp_sse_app",
+    "floor": "bench.peers.floor_app:app",
+    "uvicorn-idle": "bench.peers.idle_app:app",
+    "ours-granian": "granian:bench.apps.ours:app",
+    "ours-hypercorn": "hypercorn:bench.apps.ours:app",
 }
 BASELINE = "straightforward"
 REDIS_BASELINE = "memory-1-worker"
@@ -62,10 +70,8 @@ def server(app: str, env: dict[str, str], workers: int = 1) -> Iterator[int]:
     """Serve one app; its output goes to ``bench/results/servers.log`` (the baselines
     print tracebacks when streams are cut at shutdown)."""
     port = free_port()
-    command = [sys.executable, "-m", "uvicorn", APPS[app], "--host", "127.0.0.1", "--port", str(port)]
-    command += ["--loop", "uvloop", "--http", "httptools", "--log-level", "warning", "--backlog", "8192"]
-    command += ["--workers", str(workers)]
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
+    command = peers.command(APPS[app], port, workers)
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **peers.ENV.get(app, {}), **env}
     SERVER_LOG.parent.mkdir(parents=True, exist_ok=True)
     log = SERVER_LOG.open("ab")
     log.write(f"--- {app} {' '.join(command[2:])}\n".encode())
@@ -116,6 +122,9 @@ def plan(smoke: bool, sizes: list[int]) -> list[tuple[str, str, dict[str, Any], 
             "size": 64,
         }
         runs.append(("fanout", f"{n}", spec, quick))
+    for n in sizes:
+        paced = {"scenario": "paced", "clients": n, "events": 3 if smoke else 20, "size": 64}
+        runs.append(("paced", f"{n}", paced, quick))
     users = 20 if smoke else 5000
     runs.append(
         (
@@ -186,7 +195,7 @@ def run(args: argparse.Namespace, failures: list[str]) -> dict[str, Any]:
         if args.sizes
         else ([20, 50] if args.smoke else [1000, 5000, 10_000, most_connections()])
     )
-    apps = args.apps.split(",")
+    apps = [app for app in args.apps.split(",") if not _skipped(app)]
     wanted = set(args.scenarios.split(",")) if args.scenarios else None
     raw: dict[str, dict[str, dict[str, list[dict[str, Any]]]]] = {}
     timeout = 60 if args.smoke else 900
@@ -197,6 +206,8 @@ def run(args: argparse.Namespace, failures: list[str]) -> dict[str, Any]:
             # Rotate the order of the apps: none always runs first on a cold machine.
             order = apps[repeat % len(apps) :] + apps[: repeat % len(apps)]
             for app in order:
+                if not peers.applies(app, scenario, smoke=args.smoke):
+                    continue
                 what = f"{scenario:9} {label:>9} {app:15} run {repeat + 1}"
                 with server(app, env_for(app, extra, args.tune_gc)) as port:
                     spec_here = {**spec, "host": "127.0.0.1", "port": port, "deadline": timeout / 2}
@@ -257,6 +268,14 @@ def run_redis_burst(args: argparse.Namespace, timeout: float, failures: list[str
         redis.proc.kill()
         redis.proc.wait(10)
     return out
+
+
+def _skipped(app: str) -> bool:
+    """Leave out, saying why, an app whose server or packages are not on this machine."""
+    why = peers.missing(APPS[app])
+    if why:
+        print(f"  {app:15} skipped: {why}", flush=True)
+    return why is not None
 
 
 def run_redis(args: argparse.Namespace, timeout: float, failures: list[str]) -> dict[str, Any]:
@@ -352,6 +371,8 @@ COLUMNS = [
     ("vs_floor", "x floor", "{:.2f}"),
     ("baseline_per_s", "1-by-1/s", "{:,.0f}"),
     ("vs_baseline", "x 1-by-1", "{:.1f}"),
+    ("cpu_us_per_event", "CPU us/event", "{:.1f}"),
+    ("heap_per_conn", "JS heap KB/conn", "kb"),
 ]
 
 
@@ -468,6 +489,7 @@ def versions() -> dict[str, str]:
     found = {"python": sys.version.split()[0]}
     for name in ("fastapi", "starlette", "sse-starlette", "uvicorn", "uvloop", "httptools", "pydantic-core"):
         found[name] = version(name)
+    found.update(peers.versions())
     return found
 
 
@@ -490,7 +512,7 @@ def main() -> None:
     parser.add_argument(
         "--scenarios",
         default="",
-        help="only these scenarios (fanout,users,single,idle,stalled,heartbeat,redis,redis_burst)",
+        help="only these scenarios (fanout,paced,users,single,idle,stalled,heartbeat,redis,redis_burst)",
     )
     parser.add_argument(
         "--tune-gc", action=argparse.BooleanOptionalAction, default=True, help="fastapi_sse.tune_gc() in our app"

@@ -1,7 +1,10 @@
-"""This library: ``create_sse_router`` with every setting read from ``SSE_*`` variables.
+"""This library set up as the quick start shows: ``include_router(create_sse_router(...))``
+and nothing else, every setting read from ``SSE_*`` variables (the service's lifespan
+wraps the app in :class:`fastapi_sse.SSEMiddleware` itself).
 
 ``BENCH_TUNE_GC=1`` applies :func:`fastapi_sse.tune_gc` once the service is running;
-:class:`fastapi_sse.SSEMiddleware` is on unless ``BENCH_SSE_MIDDLEWARE=0``.
+``BENCH_SSE_MIDDLEWARE=1`` adds :class:`fastapi_sse.SSEMiddleware` by hand instead
+(the ``ours-middleware`` variant).
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 app = FastAPI(lifespan=lifespan)
 app.include_router(create_sse_router(authorize=allow_all, on_connect=remember_user, subscribe_path="/sse"))
-if os.environ.get("BENCH_SSE_MIDDLEWARE", "1") == "1":
+if os.environ.get("BENCH_SSE_MIDDLEWARE") == "1":
     app.add_middleware(SSEMiddleware)
 
 
