@@ -77,6 +77,7 @@ class Example:
     companions: tuple[str, ...] = ()  # files the page shows with it
     env: dict[str, str] = field(default_factory=dict)
     check: Callable[[httpx.Client, str, list[Any]], None] | None = None
+    private: tuple[str, ...] = ()  # events sent to one client (send_to): never replayed
 
 
 def stats_count_the_stream(http: httpx.Client, url: str, events: list[Any]) -> None:
@@ -132,7 +133,9 @@ EXAMPLE_RUNS: dict[str, Example] = {
         "/dashboard/live", post("/orders", json={"total": 9.5, "customer_name": "Ada"}), ["initialData", "newOrder"]
     ),
     "disconnect.py": Example("/subscribe?channel=a", publish("a", "ping"), ["ping"], publisher=True),
-    "message_format.py": Example("/hello", lambda http, url: None, ["notification"], check=message_format_is_exact),
+    "message_format.py": Example(
+        "/hello", lambda http, url: None, ["notification"], check=message_format_is_exact, private=("notification",)
+    ),
     "notifications.py": Example(
         "/subscribe",
         post("/notifications", json={"title": "T", "body": "B"}, headers=ALICE),
@@ -152,7 +155,10 @@ EXAMPLE_RUNS: dict[str, Example] = {
         headers={"Authorization": "Bearer alice"},
     ),
     "publishing.py": Example(
-        "/subscribe?channel=orders", post("/test-publish"), ["announcement", "initialState", "newOrder"]
+        "/subscribe?channel=orders",
+        post("/test-publish"),
+        ["announcement", "initialState", "newOrder"],
+        private=("initialState",),
     ),
 }
 
@@ -250,6 +256,29 @@ def run_example(folder: Path, module: str, example: Example, library: Path) -> N
         assert [e.event for e in events] == example.events
         if example.check is not None:
             example.check(http, url, events)
+        resumes_exactly(url, example, events)
+
+
+def resumes_exactly(url: str, example: Example, events: list[Any]) -> None:
+    """Reconnect as EventSource does, with the first event's id: the stream replays
+    exactly what came after it on its channels, with no gap."""
+    missed = [(e.event, e.id, e.data) for e in events[1:] if e.event not in example.private]
+    headers = {**example.headers, "Last-Event-ID": events[0].id}
+    with open_stream(url + example.stream, headers=headers, opened=False) as again:
+        assert again.next_frame().retry is not None
+        replayed: list[tuple[str, str, str]] = []
+        while len(replayed) < len(missed):
+            frame = again.next_frame()
+            assert frame.event != "gap", frame.data
+            assert frame.data, f"the replay ended after {replayed}, {missed} missed"
+            replayed.append((frame.event, frame.id, frame.data))
+        assert replayed == missed
+        if not missed:
+            # Nothing was missed: the opening says where the stream stands (or brings what
+            # the route sends each new stream), and no gap.
+            frame = again.next_frame()
+            assert frame.event != "gap", frame.data
+            assert (frame.event, frame.data) == ("message", "") or frame.event in example.private, frame
 
 
 def received(stream: Stream, count: int) -> list[Any]:
