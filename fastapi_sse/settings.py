@@ -86,7 +86,11 @@ class SSESettings(BaseSettings):
     redis_id_index_size: int = Field(
         default=100_000,
         gt=0,
-        description="Caller-given event ids (e.g. `msg-123`) remembered in Redis for resuming; the oldest go first.",
+        description=(
+            "Caller-given event ids (e.g. `msg-123`) remembered in Redis for resuming, counted per "
+            "channel they resolve through (a `send_to` id counts once per channel of its recipient); "
+            "the oldest go first."
+        ),
     )
     presence_interval: float = Field(
         default=5.0,
