@@ -19,6 +19,8 @@ INTERNAL = {
     "fastapi_sse.stats": {"Counters", "LATENCY_BUCKETS"},
     "fastapi_sse.dependencies": {"STATE_KEY"},
     "fastapi_sse.middleware": {"SCOPE_KEY", "Slot", "claim"},
+    # Public, imported as fastapi_sse.serving: a way to run the server, not the API.
+    "fastapi_sse.serving": {"listening_socket", "serve"},
     # Public, but imported as fastapi_sse.testing: it needs the `testing` extra.
     "fastapi_sse.testing": {"EventReader", "live_server", "open_event_stream"},
     "fastapi_sse.wire": {

@@ -108,7 +108,9 @@ BURST = 300
 
 
 def test_a_burst_of_streams_beyond_the_connection_pool_waits_for_a_connection(redis_server: RedisServer) -> None:
-    with cluster(redis_server, count=1, redis_max_connections=1) as [(one, sse)]:
+    # A generous redis_timeout: the openings queue for the one connection, and a loaded
+    # machine must not turn that wait into a backend outage.
+    with cluster(redis_server, count=1, redis_max_connections=1, redis_timeout=5.0) as [(one, sse)]:
         # Every request is sent before any is answered: their openings all need Redis at once.
         socks = [raw_request(one.port, "/subscribe?channel=burst", read_response=False)[0] for _ in range(BURST)]
         try:
