@@ -337,8 +337,8 @@ async def run_redis_users(load: Load, spec: dict[str, Any]) -> dict[str, Any]:
     """Per-user notifications: user ``k`` streams ``user:<k>`` from worker ``k % W`` (one
     port per worker, so the split is exact); every event is a fire-and-forget
     ``broadcast("user:<k>")`` from the first worker, one user after another, as fast as
-    it publishes. Delivered events/s from the publish request to the last arrival;
-    what has not arrived by the deadline is lost."""
+    it publishes (or ``interval`` seconds apart). Delivered events/s from the publish
+    request to the last arrival; what has not arrived by the deadline is lost."""
     n, events = spec["clients"], spec["events"]
     tally = load.tally
     deadline = spec.get("deadline", 120.0)
@@ -355,7 +355,9 @@ async def run_redis_users(load: Load, spec: dict[str, Any]) -> dict[str, Any]:
         for worker, count in zip(loads, per_worker, strict=True):
             await worker.wait_clients(count, deadline)
         cpu0 = [(await worker.stats())["cpu"] for worker in loads]
-        sent = await load.post("/publish_users", n=events, users=n, interval=0.0, size=spec["size"], send_to=0)
+        sent = await load.post(
+            "/publish_users", n=events, users=n, interval=spec.get("interval", 0.0), size=spec["size"], send_to=0
+        )
         with contextlib.suppress(TimeoutError):  # what did not arrive is counted as lost
             await load.until(lambda: tally.received >= events, deadline, "every user event")
         cpu = [(await worker.stats())["cpu"] - c for worker, c in zip(loads, cpu0, strict=True)]

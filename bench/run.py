@@ -233,17 +233,20 @@ def run_redis_users(args: argparse.Namespace, timeout: float, failures: list[str
     each, on ports of their own so the load client splits the users exactly) on one
     redis-server, user ``k`` streaming ``user:<k>`` from worker ``k % 2``, and every
     event a fire-and-forget ``broadcast("user:<k>")`` from the first worker, one user
-    after another, back to back. Beside it, in the same run, the in-memory single worker
-    with every user; the pair alternates which goes first."""
+    after another: back to back (the rate it sustains; the latency is then the queue's),
+    and one every millisecond, one event per user (the latency of the path). Beside it,
+    in the same run, the in-memory single worker with every user; the pair alternates
+    which goes first."""
     if importlib.util.find_spec("fastapi_sse.backends.redis") is None:
         print("  redis_users skipped: fastapi_sse.backends.redis is not available in this checkout", flush=True)
         return {}
     users, rounds = (20, 2) if args.smoke else (2000, 5)
-    label = f"{users}x{users * rounds}"
+    # (label, events, seconds between two publishes)
+    steps = [(f"{users}x{users * rounds}", users * rounds, 0.0), (f"{users}@1ms", users, 0.001)]
     redis = start_redis()
-    out: dict[str, Any] = {"redis_users": {label: {}}}
+    out: dict[str, Any] = {"redis_users": {}}
     try:
-        for repeat in range(args.repeats):
+        for repeat, (label, events, interval) in itertools.product(range(args.repeats), steps):
             pair = [(REDIS_BASELINE, 1), ("redis-2-workers", 2)]
             for name, workers in pair[repeat % 2 :] + pair[: repeat % 2]:
                 prefix = f"bench:users:{repeat}:{time.time_ns()}:"
@@ -256,7 +259,8 @@ def run_redis_users(args: argparse.Namespace, timeout: float, failures: list[str
                     spec = {
                         "scenario": "redis_users",
                         "clients": users,
-                        "events": users * rounds,
+                        "events": events,
+                        "interval": interval,
                         "size": 64,
                         "host": "127.0.0.1",
                         "port": ports[0],
@@ -266,7 +270,7 @@ def run_redis_users(args: argparse.Namespace, timeout: float, failures: list[str
                     result = measure(spec, timeout, what, failures)
                 if result is None:
                     continue
-                out["redis_users"][label].setdefault(name, []).append(result)
+                out["redis_users"].setdefault(label, {}).setdefault(name, []).append(result)
                 print(f"  {what}: {_brief(result)}", flush=True)
     finally:
         redis.proc.kill()
