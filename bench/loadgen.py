@@ -375,6 +375,8 @@ async def run_redis_users(load: Load, spec: dict[str, Any]) -> dict[str, Any]:
         "lost": events - delivered,
         "duplicates": sum(c - 1 for c in tally.counts.values() if c > 1),
         "cpu_us_per_event": 1e6 * sum(cpu) / events,
+        # The publishing worker's part of the CPU (it also delivers to its own half).
+        "publisher_cpu_share": cpu[0] / sum(cpu) if sum(cpu) else 0.0,
         **{f"latency_{k}": v for k, v in quantiles(tally.latencies).items()},
     }
 
