@@ -272,6 +272,7 @@ def run_redis_users(args: argparse.Namespace, timeout: float, failures: list[str
                     continue
                 out["redis_users"].setdefault(label, {}).setdefault(name, []).append(result)
                 print(f"  {what}: {_brief(result)}", flush=True)
+            _print_pair(out["redis_users"].get(label, {}), label, repeat)
     finally:
         redis.proc.kill()
         redis.proc.wait(10)
@@ -320,6 +321,16 @@ def run_redis_burst(args: argparse.Namespace, timeout: float, failures: list[str
         redis.proc.kill()
         redis.proc.wait(10)
     return out
+
+
+def _print_pair(runs: dict[str, list[dict[str, Any]]], label: str, repeat: int) -> None:
+    """Redis over memory within one pair of runs: delivered events/s and p99 latency."""
+    ours, base = runs.get("redis-2-workers", []), runs.get(REDIS_BASELINE, [])
+    if len(ours) == len(base) == repeat + 1:
+        rate = ours[-1]["events_per_s"] / base[-1]["events_per_s"]
+        p99 = ours[-1]["latency_p99"] / base[-1]["latency_p99"]
+        what = f"redis_users {label:>9} run {repeat + 1}"
+        print(f"  {what}: redis/memory events/s {rate:.2f}x, p99 {p99:.1f}x", flush=True)
 
 
 def _skipped(app: str) -> bool:
