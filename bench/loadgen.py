@@ -11,6 +11,7 @@ Usage: ``python -m bench.loadgen '<json spec>'``; prints one JSON object of resu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import resource
@@ -332,6 +333,54 @@ async def run_users(load: Load, spec: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+async def run_redis_users(load: Load, spec: dict[str, Any]) -> dict[str, Any]:
+    """Per-user notifications: user ``k`` streams ``user:<k>`` from worker ``k % W`` (one
+    port per worker, so the split is exact); every event is a fire-and-forget
+    ``broadcast("user:<k>")`` from the first worker, one user after another, as fast as
+    it publishes (or ``interval`` seconds apart). Delivered events/s from the publish
+    request to the last arrival; what has not arrived by the deadline is lost."""
+    n, events = spec["clients"], spec["events"]
+    tally = load.tally
+    deadline = spec.get("deadline", 120.0)
+    ports = spec.get("ports") or [load.port]
+    loads = [load] + [Load(load.host, port) for port in ports[1:]]
+    for other in loads[1:]:
+        other.tally = tally
+    try:
+        started = time.monotonic()
+        for w, worker in enumerate(loads):
+            await worker.open([f"/sse?channel=user:{k}" for k in range(w, n, len(loads))], deadline=deadline)
+        connect_s = time.monotonic() - started
+        per_worker = [len(range(w, n, len(loads))) for w in range(len(loads))]
+        for worker, count in zip(loads, per_worker, strict=True):
+            await worker.wait_clients(count, deadline)
+        cpu0 = [(await worker.stats())["cpu"] for worker in loads]
+        sent = await load.post(
+            "/publish_users", n=events, users=n, interval=spec.get("interval", 0.0), size=spec["size"], send_to=0
+        )
+        with contextlib.suppress(TimeoutError):  # what did not arrive is counted as lost
+            await load.until(lambda: tally.received >= events, deadline, "every user event")
+        cpu = [(await worker.stats())["cpu"] - c for worker, c in zip(loads, cpu0, strict=True)]
+    finally:
+        for other in loads[1:]:
+            await other.close()
+    delivered = sum(1 for i in range(events) if tally.counts.get(i))
+    return {
+        "clients": tally.headers,
+        "refused": tally.refused + tally.failed,
+        "workers": len(loads),
+        "connect_per_s": n / connect_s,
+        "events_per_s": delivered / (tally.last_recv - sent) if delivered else 0.0,
+        "delivered": delivered,
+        "lost": events - delivered,
+        "duplicates": sum(c - 1 for c in tally.counts.values() if c > 1),
+        "cpu_us_per_event": 1e6 * sum(cpu) / events,
+        # The publishing worker's part of the CPU (it also delivers to its own half).
+        "publisher_cpu_share": cpu[0] / sum(cpu) if sum(cpu) else 0.0,
+        **{f"latency_{k}": v for k, v in quantiles(tally.latencies).items()},
+    }
+
+
 async def run_single(load: Load, spec: dict[str, Any]) -> dict[str, Any]:
     events = spec["events"]
     tally = load.tally
@@ -484,6 +533,7 @@ SCENARIOS = {
     "fanout": run_fanout,
     "paced": run_paced,
     "users": run_users,
+    "redis_users": run_redis_users,
     "single": run_single,
     "stalled": run_stalled,
     "heartbeat": run_heartbeat,

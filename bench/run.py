@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -223,7 +223,60 @@ def run(args: argparse.Namespace, failures: list[str]) -> dict[str, Any]:
         raw.update(run_redis(args, timeout, failures))
     if not wanted or "redis_burst" in wanted:
         raw.update(run_redis_burst(args, timeout, failures))
+    if not wanted or "redis_users" in wanted:
+        raw.update(run_redis_users(args, timeout, failures))
     return raw
+
+
+def run_redis_users(args: argparse.Namespace, timeout: float, failures: list[str]) -> dict[str, Any]:
+    """Per-user notifications through Redis: two uvicorn processes of our app (one worker
+    each, on ports of their own so the load client splits the users exactly) on one
+    redis-server, user ``k`` streaming ``user:<k>`` from worker ``k % 2``, and every
+    event a fire-and-forget ``broadcast("user:<k>")`` from the first worker, one user
+    after another: back to back (the rate it sustains; the latency is then the queue's),
+    and one every millisecond, one event per user (the latency of the path). Beside it,
+    in the same run, the in-memory single worker with every user; the pair alternates
+    which goes first."""
+    if importlib.util.find_spec("fastapi_sse.backends.redis") is None:
+        print("  redis_users skipped: fastapi_sse.backends.redis is not available in this checkout", flush=True)
+        return {}
+    users, rounds = (20, 2) if args.smoke else (2000, 5)
+    # (label, events, seconds between two publishes)
+    steps = [(f"{users}x{users * rounds}", users * rounds, 0.0), (f"{users}@1ms", users, 0.001)]
+    redis = start_redis()
+    out: dict[str, Any] = {"redis_users": {}}
+    try:
+        for repeat, (label, events, interval) in itertools.product(range(args.repeats), steps):
+            pair = [(REDIS_BASELINE, 1), ("redis-2-workers", 2)]
+            for name, workers in pair[repeat % 2 :] + pair[: repeat % 2]:
+                prefix = f"bench:users:{repeat}:{time.time_ns()}:"
+                env = {**env_for("ours", {}, args.tune_gc)}
+                if workers > 1:
+                    env.update({"SSE_BACKEND": "redis", "SSE_REDIS_URL": redis.url, "SSE_REDIS_KEY_PREFIX": prefix})
+                what = f"redis_users {label:>9} {name:15} run {repeat + 1}"
+                with ExitStack() as stack:
+                    ports = [stack.enter_context(server("ours", env)) for _ in range(workers)]
+                    spec = {
+                        "scenario": "redis_users",
+                        "clients": users,
+                        "events": events,
+                        "interval": interval,
+                        "size": 64,
+                        "host": "127.0.0.1",
+                        "port": ports[0],
+                        "ports": ports,
+                        "deadline": timeout / 2,
+                    }
+                    result = measure(spec, timeout, what, failures)
+                if result is None:
+                    continue
+                out["redis_users"].setdefault(label, {}).setdefault(name, []).append(result)
+                print(f"  {what}: {_brief(result)}", flush=True)
+            _print_pair(out["redis_users"].get(label, {}), label, repeat)
+    finally:
+        redis.proc.kill()
+        redis.proc.wait(10)
+    return out
 
 
 def run_redis_burst(args: argparse.Namespace, timeout: float, failures: list[str]) -> dict[str, Any]:
@@ -268,6 +321,16 @@ def run_redis_burst(args: argparse.Namespace, timeout: float, failures: list[str
         redis.proc.kill()
         redis.proc.wait(10)
     return out
+
+
+def _print_pair(runs: dict[str, list[dict[str, Any]]], label: str, repeat: int) -> None:
+    """Redis over memory within one pair of runs: delivered events/s and p99 latency."""
+    ours, base = runs.get("redis-2-workers", []), runs.get(REDIS_BASELINE, [])
+    if len(ours) == len(base) == repeat + 1:
+        rate = ours[-1]["events_per_s"] / base[-1]["events_per_s"]
+        p99 = ours[-1]["latency_p99"] / base[-1]["latency_p99"]
+        what = f"redis_users {label:>9} run {repeat + 1}"
+        print(f"  {what}: redis/memory events/s {rate:.2f}x, p99 {p99:.1f}x", flush=True)
 
 
 def _skipped(app: str) -> bool:
@@ -512,7 +575,7 @@ def main() -> None:
     parser.add_argument(
         "--scenarios",
         default="",
-        help="only these scenarios (fanout,paced,users,single,idle,stalled,heartbeat,redis,redis_burst)",
+        help="only these scenarios (fanout,paced,users,single,idle,stalled,heartbeat,redis,redis_burst,redis_users)",
     )
     parser.add_argument(
         "--tune-gc", action=argparse.BooleanOptionalAction, default=True, help="fastapi_sse.tune_gc() in our app"

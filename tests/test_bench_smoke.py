@@ -65,7 +65,8 @@ def test_fanout_and_single_client_report_every_app(tmp_path: Path) -> None:
 
 
 def test_every_other_scenario_completes(tmp_path: Path) -> None:
-    stdout = run_bench(tmp_path, "--apps", "ours", "--scenarios", "users,idle,stalled,heartbeat,redis,redis_burst")
+    wanted = "users,idle,stalled,heartbeat,redis,redis_burst,redis_users"
+    stdout = run_bench(tmp_path, "--apps", "ours", "--scenarios", wanted)
     scenarios = {scenario for scenario, _, _ in rows(stdout)}
     expected = {"users", "idle", "stalled", "heartbeat"}
     try:
@@ -73,10 +74,13 @@ def test_every_other_scenario_completes(tmp_path: Path) -> None:
     except ImportError:
         assert "redis     skipped" in stdout
     else:
-        expected |= {"redis", "redis_burst"}
+        expected |= {"redis", "redis_burst", "redis_users"}
     assert expected <= scenarios
     report = json.loads((tmp_path / "latest.json").read_text())
     assert report["summary"]["stalled"]["20+2"]["median"]["ours"]["stalled"] == 2
     burst = report["summary"].get("redis_burst", {}).get("20x200", {}).get("median", {}).get("ours")
     if burst is not None:
         assert burst["lost"] == 0 and burst["publish_failures"] == 0 and burst["stored"] == 200
+    per_user = report["summary"].get("redis_users", {}).get("20x40", {}).get("median", {})
+    for name in per_user:
+        assert per_user[name]["lost"] == 0 and per_user[name]["delivered"] == 40

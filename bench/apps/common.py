@@ -6,7 +6,8 @@ Every app exposes the same routes so one load client drives them all:
 - ``POST /publish?channel=c&n=N&interval=s&size=b&start=i`` publishes N events, ``interval`` seconds apart
   (0: back to back), each carrying its publish time ``t`` (``time.monotonic()``, shared by every process
   of the machine) and its index ``i``;
-- ``POST /publish_users?n=N&users=U&interval=s`` mixes ``broadcast("user:{k}")`` and ``send_to(<client of k>)``;
+- ``POST /publish_users?n=N&users=U&interval=s`` mixes ``broadcast("user:{k}")`` and ``send_to(<client of k>)``
+  (``send_to=0``: every event a ``broadcast("user:{k}")``, which reaches a user on any worker);
 - ``GET /stats?collect=1`` reports clients, RSS, live GC objects, GC pauses and CPU time;
 - ``POST /reset`` forgets the GC pauses seen so far.
 """
@@ -104,12 +105,12 @@ def add_bench_routes(
             published[0] += 1
             await pace(interval, k)
 
-    async def publish_users_task(n: int, users: int, interval: float, size: int, start: int) -> None:
+    async def publish_users_task(n: int, users: int, interval: float, size: int, start: int, direct: bool) -> None:
         pad = "x" * size
         for k in range(n):
             user = str(k % users)
             data = dumps(payload(start + k, pad))
-            if k % 2:
+            if direct and k % 2:
                 send_to_user(user, data)
             else:
                 broadcast(f"user:{user}", data)
@@ -124,9 +125,9 @@ def add_bench_routes(
 
     @app.post("/publish_users")
     async def publish_users(
-        n: int = 1, users: int = 1, interval: float = 0.0, size: int = 64, start: int = 0
+        n: int = 1, users: int = 1, interval: float = 0.0, size: int = 64, start: int = 0, send_to: bool = True
     ) -> dict[str, Any]:
-        spawn(publish_users_task(n, users, interval, size, start))
+        spawn(publish_users_task(n, users, interval, size, start, send_to))
         return {"ok": True}
 
     @app.post("/reset")
