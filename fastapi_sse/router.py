@@ -145,6 +145,8 @@ def create_sse_router(
                 raise HTTPException(403, f"not allowed to subscribe to channel {name!r}")
         resume = middleware.last_event_id(request.scope) or ""
         client, response = sse.add_client(resume, identity=identity)
+        if client.closed:
+            return response  # refused for load, a limit or shutdown: told when to come back
         try:
             for name in wanted:
                 sse.subscribe(client.id, name)

@@ -282,10 +282,13 @@ class SSEService:
         its ``last_event_id`` query parameter for a first connection. Pass ``""`` to
         start fresh. ``identity`` (e.g. the user id) applies
         ``max_connections_per_identity``, across every worker with a shared backend.
-        Raises :class:`LimitExceededError` (an ``HTTPException``) when a limit refuses
-        the connection. If the handler ends without returning the response (it raised
-        its own 400 or 403, or returned something else), the client is released when
-        the request ends.
+        When load, a limit or shutdown refuses the stream, the client comes back
+        already closed (``close_reason == "refused"``) with a response that tells the
+        browser when to come back; return it as usual (with ``hard_refusals`` this
+        raises :class:`LimitExceededError`, an ``HTTPException``, instead). A malformed
+        ``last_event_id`` raises :class:`BadRequestError`. If the handler ends without
+        returning the response (it raised its own 400 or 403, or returned something
+        else), the client is released when the request ends.
         """
         if (loop := self._other_threads_loop()) is not None:
             return _run_in(loop, lambda: self.add_client(last_event_id, identity=identity))
@@ -338,7 +341,7 @@ class SSEService:
         self._join(client, ALL_CHANNEL)
         self._join(client, _client_channel(client.id))
         self._counters.connects += 1
-        middleware.opened(client, self._release_unstarted)
+        middleware.opened(client, self.remove_unstarted)
         return client, SSEResponse(client, self)
 
     def identity_refusal(self) -> LimitExceededError:
@@ -896,13 +899,9 @@ class SSEService:
             chunks.append(wire.cursor_frame(str(replay.head)))
         return chunks
 
-    def _release_unstarted(self, client: SSEClient) -> None:
-        """The request that made this client ended without running its stream."""
-        self._detach(client, DisconnectReason.NEVER_STARTED)
-
     def remove_unstarted(self, client: SSEClient) -> None:
         """Release a client whose response will never run (the handler gives up on it)
-        now; the request's end would otherwise do it."""
+        now; the end of its request does it otherwise."""
         if not client.attached:
             self._detach(client, DisconnectReason.NEVER_STARTED)
 
