@@ -1,6 +1,15 @@
 """Server-Sent Events for FastAPI: channels, broadcasting, replay and heartbeats."""
 
-from fastapi_sse.backends import Backend, MemoryBackend, Message, Publication, Replay
+from fastapi_sse.backends import (
+    Backend,
+    Coordination,
+    MemoryBackend,
+    Message,
+    NoCoordination,
+    Publication,
+    Replay,
+    Sink,
+)
 from fastapi_sse.client import DisconnectReason, SSEClient
 from fastapi_sse.dependencies import SSEDep, get_sse, get_sse_from_app, sse_lifespan
 from fastapi_sse.errors import (
@@ -31,6 +40,7 @@ __all__ = [
     "BackendError",
     "BadRequestError",
     "ConnectionStats",
+    "Coordination",
     "DefaultChannels",
     "DisconnectReason",
     "Identify",
@@ -39,6 +49,7 @@ __all__ = [
     "LimitExceededError",
     "MemoryBackend",
     "Message",
+    "NoCoordination",
     "OnConnect",
     "Publication",
     "RefusedStream",
@@ -52,6 +63,7 @@ __all__ = [
     "SSESettings",
     "ServiceNotRunningError",
     "SettingsError",
+    "Sink",
     "Text",
     "allow_all",
     "create_sse_router",

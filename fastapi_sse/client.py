@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
-from contextvars import Context
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from starlette.types import Send
-
     from fastapi_sse.settings import OverflowPolicy
-    from fastapi_sse.writer import Handoff
 
 
 _NO_CHANNELS: frozenset[str] = frozenset()  # shared: each frozenset() call allocates one
@@ -48,6 +43,28 @@ class DisconnectReason:
     """Refused for load, a limit or shutdown: told to come back later (``retry:``)."""
 
 
+class Outlet(Protocol):
+    """The writing side of a client's stream, once it runs (see ``_writer.Outlet``)."""
+
+    parked: bool
+    """Nothing left to write: the stream's task waits for the disconnect."""
+    queued: bool
+    """Already in the writer's queue."""
+    sending: bool
+    """A write is in progress."""
+    last_write: float
+    """When the last write ended (the loop's clock)."""
+
+    def ready(self) -> None:
+        """Frames arrived for a parked stream: queue it for the writer."""
+
+    def wake(self) -> None:
+        """End the park (the client was closed)."""
+
+    def abandon(self) -> None:
+        """Drop a write in progress (the client was closed and discarded)."""
+
+
 class SSEClient:
     """A client of the service, as ``add_client`` returns it.
 
@@ -59,19 +76,10 @@ class SSEClient:
     __slots__ = (
         "_buffer",
         "_buffered",
-        "_cancelled",
-        "_context",
         "_floor",
-        "_handoff",
         "_limit",
-        "_on_ready",
-        "_parked",
         "_policy",
-        "_queued",
         "_replayed",
-        "_send",
-        "_task",
-        "_woken",
         "attached",
         "channels",
         "close_reason",
@@ -81,9 +89,8 @@ class SSEClient:
         "id",
         "identity",
         "last_event_id",
-        "last_write",
         "on_overflow",
-        "sending",
+        "outlet",
     )
 
     def __init__(
@@ -102,37 +109,22 @@ class SSEClient:
         self.last_event_id = last_event_id
         self.identity = identity
         self.attached = False
+        """Whether its stream started (a response is running for it)."""
         self.closed = False
         self.close_reason: str | None = None
-        self.sending = False
-        self.last_write = 0.0
         self.dropped = 0
         self._buffer: list[Frame] = []
         self._buffered = 0
         self._limit = buffer_limit
         self._policy = policy
-        self._task: asyncio.Task[None] | None = None
-        # True once mark_closed cancelled the stream's task (see SSEResponse).
-        self._cancelled = False
         # During a resume, live events up to the replayed head on the replayed
         # channels are already in the replay: skip them.
         self._floor = 0
         self._replayed = _NO_CHANNELS
-        # Set by the service: called with the number of frames dropped, 0 meaning
-        # "disconnect this client".
         self.on_overflow: Callable[[SSEClient, int], None] | None = None
-        # Set by the response: while the stream's task is parked (nothing left to
-        # write, waiting in the ASGI ``receive`` for the disconnect), ``push`` hands
-        # the client to the service's writer, which calls ``_send`` in ``_context``;
-        # a send it cannot finish becomes ``_handoff``. ``wake`` ends the park by
-        # cancelling that wait, and sets ``_woken`` so the stream knows it was ours.
-        self._parked = False
-        self._woken = False
-        self._queued = False
-        self._on_ready: Callable[[SSEClient], None] | None = None
-        self._send: Send | None = None
-        self._context: Context | None = None
-        self._handoff: Handoff | None = None
+        """Called with the number of frames dropped, 0 meaning "disconnect this client"."""
+        self.outlet: Outlet | None = None
+        """Set while its stream runs."""
 
     def __repr__(self) -> str:
         return f"SSEClient(id={self.id!r}, channels={sorted(self.channels)!r})"
@@ -148,10 +140,15 @@ class SSEClient:
             return
         self._buffer.append(frame)
         self._buffered += size
-        # An unparked stream's task is running its loop and takes the buffer itself.
-        if self._parked and not self._queued and self._on_ready is not None:
-            self._queued = True
-            self._on_ready(self)
+        # A running stream that is not parked takes the buffer itself.
+        outlet = self.outlet
+        if outlet is not None and outlet.parked and not outlet.queued:
+            outlet.ready()
+
+    def skip_replayed(self, head: int, channels: frozenset[str]) -> None:
+        """A replay up to ``head`` covered ``channels``: drop live frames it holds."""
+        self._floor = head
+        self._replayed = channels
 
     def _overflow(self, size: int) -> bool:
         """Apply the overflow policy; True when the new frame may still be queued."""
@@ -201,15 +198,13 @@ class SSEClient:
 
     @property
     def buffered_bytes(self) -> int:
+        """Bytes queued for this client and not yet written."""
         return self._buffered
 
-    def wake(self) -> None:
-        """End the stream's park, if it is parked: cancel its wait in ``receive``."""
-        if self._parked:
-            self._parked = False
-            if self._task is not None:
-                self._woken = True
-                self._task.cancel()
+    @property
+    def sending(self) -> bool:
+        """Whether a write to this client is in progress (it waits for the client to read)."""
+        return self.outlet is not None and self.outlet.sending
 
     def mark_closed(self, reason: str, *, discard: bool) -> None:
         if self.closed:
@@ -220,20 +215,12 @@ class SSEClient:
         self.close_reason = reason
         if discard:
             self._discard()
-        self.wake()
+        elif self.outlet is not None:
+            self.outlet.wake()
 
     def _discard(self) -> None:
         """Drop what is buffered and abandon a write in progress."""
         self._buffer.clear()
         self._buffered = 0
-        if self._handoff is not None:
-            # A send the writer left half-done for the stream's task, which has not
-            # resumed yet: the client is gone, drop it.
-            self._handoff.close()
-            self._handoff = None
-        # A writer stuck in a send to a client that stopped reading would wait for
-        # ever: cancel it.
-        if self.sending and self._task is not None and not self._cancelled:
-            self._cancelled = True
-            self._task.cancel()
-        self.wake()
+        if self.outlet is not None:
+            self.outlet.abandon()

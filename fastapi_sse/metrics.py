@@ -21,8 +21,8 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
 
 from starlette.responses import Response
 
+from fastapi_sse._counters import LATENCY_BUCKETS
 from fastapi_sse.client import DisconnectReason
-from fastapi_sse.stats import LATENCY_BUCKETS
 
 if TYPE_CHECKING:
     from fastapi_sse.service import SSEService
@@ -49,9 +49,9 @@ class SSECollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         service = self.service
-        counters = service._counters
+        counters = service.counters
         worker = service.worker_id
-        clients = list(service._clients.values())
+        stats = service.stats()
 
         def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
             family = GaugeMetricFamily(PREFIX + name, doc, labels=["worker"])
@@ -74,18 +74,18 @@ class SSECollector(Collector):
         )
         info.add_metric([worker, service.settings.backend, service.settings.overflow_policy], 1)
         yield info
-        yield gauge("connections", "Open streams.", len(clients))
+        yield gauge("connections", "Open streams.", stats.total_connections)
         yield gauge(
             "channels",
             "Channels with at least one open stream (internal channels excluded).",
-            sum(1 for channel in list(service._channels) if not channel.startswith("$")),
+            len(stats.by_channel),
         )
         yield gauge(
-            "buffered_bytes", "Bytes queued for clients and not yet written.", sum(c.buffered_bytes for c in clients)
+            "buffered_bytes",
+            "Bytes queued for clients and not yet written.",
+            sum(c.buffered_bytes for c in service.get_clients()),
         )
-        yield gauge(
-            "pending_publishes", "Fire-and-forget publishes waiting for the backend.", service._publisher.pending
-        )
+        yield gauge("pending_publishes", "Fire-and-forget publishes waiting for the backend.", stats.pending_publishes)
         yield counter("connects_total", "Streams opened.", counters.connects)
         yield by_label(
             "disconnects_total",

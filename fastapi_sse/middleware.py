@@ -24,18 +24,27 @@ from __future__ import annotations
 import contextvars
 from collections.abc import Callable
 from contextlib import AsyncExitStack
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import parse_qs
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 if TYPE_CHECKING:
     from fastapi_sse.client import SSEClient
-    from fastapi_sse.response import SSEResponse
 
 SCOPE_KEY = "fastapi_sse.outside_route"
 
 _current: contextvars.ContextVar[Slot | None] = contextvars.ContextVar("fastapi_sse_request", default=None)
+
+
+class HandedOff(Protocol):
+    """A stream the middleware runs once its route has returned (an ``SSEResponse``)."""
+
+    async def resume(self, receive: Receive, send: Send) -> None:
+        """Write the rest of the stream."""
+
+    def abandon(self) -> None:
+        """The request failed before the stream could run: let its client go."""
 
 
 class Slot:
@@ -48,7 +57,7 @@ class Slot:
         self.scope = scope
         self.send = send
         self.hand_off = hand_off
-        self.stream: SSEResponse | None = None
+        self.stream: HandedOff | None = None
         self.opened: list[tuple[SSEClient, Callable[[SSEClient], None]]] | None = None
 
     async def relay(self, message: Message) -> None:
@@ -96,7 +105,7 @@ class SSEMiddleware:
             await self.app(scope, receive, slot.relay)
         except BaseException:
             if slot.stream is not None:
-                slot.stream._abandon()
+                slot.stream.abandon()
             raise
         finally:
             _current.reset(token)
@@ -109,10 +118,10 @@ class SSEMiddleware:
         # otherwise stay alive (with their deques) for the whole life of the stream.
         for key in [key for key, value in scope.items() if isinstance(value, AsyncExitStack)]:
             del scope[key]
-        await stream._run(receive, send)
+        await stream.resume(receive, send)
 
 
-def claim(scope: Scope, stream: SSEResponse) -> bool:
+def claim(scope: Scope, stream: HandedOff) -> bool:
     """Pass ``stream`` to the middleware, when there is one that hands streams off and no
     stream took its slot yet."""
     slot: Any = scope.get(SCOPE_KEY)

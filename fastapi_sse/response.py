@@ -7,7 +7,7 @@ import asyncio
 import contextvars
 import functools
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import anyio
 from sse_starlette.sse import EventSourceResponse
@@ -19,8 +19,8 @@ from fastapi_sse.errors import LimitExceededError
 from fastapi_sse.middleware import claim
 
 if TYPE_CHECKING:
+    from fastapi_sse._writer import Outlet
     from fastapi_sse.client import SSEClient
-    from fastapi_sse.service import SSEService
 
 _REPLAY_CHUNK = 64 * 1024
 
@@ -36,6 +36,27 @@ async def _nothing() -> AsyncIterator[bytes]:
 _RAW_HEADERS = tuple(
     (name, value) for name, value in EventSourceResponse(_nothing(), ping=0).raw_headers if name != b"connection"
 )
+
+
+class StreamHost(Protocol):
+    """What a stream needs from its service (``fastapi_sse._streams.Streams``)."""
+
+    @property
+    def hard_refusals(self) -> bool: ...
+
+    def retry_hint(self) -> bytes: ...
+
+    async def claim(self, client: SSEClient) -> None: ...
+
+    def attach(self, client: SSEClient) -> Outlet | None: ...
+
+    async def opening(self, client: SSEClient) -> list[bytes]: ...
+
+    def sent(self, events: int, size: int, created: float = 0.0) -> None: ...
+
+    def disconnected(self, client: SSEClient) -> None: ...
+
+    def detach(self, client: SSEClient, reason: str) -> None: ...
 
 
 class SSEResponse(EventSourceResponse):
@@ -65,14 +86,15 @@ class SSEResponse(EventSourceResponse):
     _shutdown_grace_period = 0
     _cleanup_timeout = EventSourceResponse.DEFAULT_CLEANUP_TIMEOUT
 
-    def __init__(self, client: SSEClient, service: SSEService, *, status_code: int = 200) -> None:
+    def __init__(self, client: SSEClient, host: StreamHost, *, status_code: int = 200) -> None:
         # Not EventSourceResponse.__init__: it would build the same headers, a lock
         # and a generator for every connection, none of which the stream uses.
         # ``status_code`` is here for FastAPI, which reads a route's default status from
         # the response class's signature (for OpenAPI); a stream is always a 200.
         self.raw_headers = list(_RAW_HEADERS)
         self.client = client
-        self.service = service
+        self.host = host
+        self.outlet: Outlet | None = None
 
     @property
     def body_iterator(self) -> AsyncIterator[bytes]:  # type: ignore[override]
@@ -84,102 +106,110 @@ class SSEResponse(EventSourceResponse):
         return anyio.Lock()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        client, service = self.client, self.service
+        client, host = self.client, self.host
         start = {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
         if scope["type"] != "http" or scope["method"] == "HEAD":
-            service._detach(client, DisconnectReason.REMOVED)
+            host.detach(client, DisconnectReason.REMOVED)
             await send(start)
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             return
         if client.identity is not None and not client.closed:
             try:
-                await service.enforce_identity_limit(client)
+                await host.claim(client)
             except LimitExceededError as exc:
-                await RefusedStream(client, service, exc)(scope, receive, send)
+                await RefusedStream(client, host, exc)(scope, receive, send)
                 return
-        attached = service._attach(client)
+        outlet = self.outlet = host.attach(client)
         try:
             await send(start)
-            if attached:
-                opening = await service._opening(client)
+            if outlet is not None:
+                opening = await host.opening(client)
                 await _send_chunks(send, opening)
-                client.last_write = asyncio.get_running_loop().time()
-                service._sent(0, sum(map(len, opening)))
+                outlet.last_write = asyncio.get_running_loop().time()
+                host.sent(0, sum(map(len, opening)))
         except BaseException:
-            self._abandon()
+            self.abandon()
             raise
         if not claim(scope, self):
-            await self._run(receive, send)
+            await self.resume(receive, send)
 
-    def _abandon(self) -> None:
-        """Let go of the client: its stream ended before :meth:`_run` (its connection failed)."""
-        self.service._detach(self.client, DisconnectReason.CLIENT_CLOSED)
+    def abandon(self) -> None:
+        """Let go of the client: its stream ended before :meth:`resume` (its connection
+        failed). Called by :class:`SSEMiddleware`."""
+        self.host.detach(self.client, DisconnectReason.CLIENT_CLOSED)
 
-    async def _run(self, receive: Receive, send: Send) -> None:
+    async def resume(self, receive: Receive, send: Send) -> None:
         """Write the client's events until the stream ends, then the end of the body and
-        the response's background task. The headers and the opening are already sent."""
-        client, service = self.client, self.service
+        the response's background task. The headers and the opening are already sent;
+        :class:`SSEMiddleware` calls it once the route has returned."""
+        client, host = self.client, self.host
+        outlet = self.outlet
+        if outlet is None:  # closed before it started: nothing to stream
+            host.detach(client, client.close_reason or DisconnectReason.CLIENT_CLOSED)
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            if self.background is not None:
+                await self.background()
+            return
         loop = asyncio.get_running_loop()
         # The task that ``wake`` and a stuck send cancel: the one running this loop, not
         # always the one that opened the stream (after SSEMiddleware took it from a
         # BaseHTTPMiddleware, which runs its app in a task of its own).
-        task = client._task = asyncio.current_task()
+        task = outlet.task = asyncio.current_task()
         disconnected = False
         reason = DisconnectReason.CLIENT_CLOSED
         try:
-            client._send = send
-            client._context = contextvars.copy_context()
-            client._on_ready = service._writer.add
+            outlet.send = send
+            outlet.context = contextvars.copy_context()
             while True:
-                handoff = client._handoff
+                handoff = outlet.handoff
                 if handoff is not None:
                     # A send the service's writer started and could not finish.
-                    client._handoff = None
-                    client.sending = True
+                    outlet.handoff = None
+                    outlet.sending = True
                     await handoff
-                    client.sending = False
-                    client.last_write = loop.time()
-                    service._sent(handoff.count, handoff.size, handoff.created)
-                elif client._buffer:
+                    outlet.sending = False
+                    outlet.last_write = loop.time()
+                    host.sent(handoff.count, handoff.size, handoff.created)
+                elif client.buffered_bytes:
                     # ``created``: the oldest event of the write, the longest any in it waited.
                     chunk, count, created = client.take()
-                    client.sending = True
+                    outlet.sending = True
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                    client.sending = False
-                    client.last_write = loop.time()
-                    service._sent(count, len(chunk), created)
+                    outlet.sending = False
+                    outlet.last_write = loop.time()
+                    host.sent(count, len(chunk), created)
                 elif client.closed:
                     break
                 else:
-                    # Parked: the service's writer writes what comes next (see writer.py),
+                    # Parked: the service's writer writes what comes next (see _writer.py),
                     # and this task listens for the disconnect. ``wake`` cancels the wait.
-                    client._parked = True
+                    outlet.parked = True
                     try:
                         message = await receive()
                     except asyncio.CancelledError:
-                        if not client._woken or task is None or task.uncancel():
+                        if not outlet.woken or task is None or task.uncancel():
                             raise
-                        client._woken = False
+                        outlet.woken = False
                         continue
                     finally:
-                        client._parked = False
+                        outlet.parked = False
                     if message["type"] == "http.disconnect":
-                        service._close(client, DisconnectReason.CLIENT_CLOSED, discard=True)
+                        host.disconnected(client)
             reason = client.close_reason or reason
             disconnected = reason == DisconnectReason.CLIENT_CLOSED
         except asyncio.CancelledError:
             # Cancelled by the service because the stream was closed while stuck in a
             # send (its client stopped reading, or went away): end the connection
             # here. Any other cancellation is the server's.
-            if not client._cancelled or task is None or task.uncancel():
+            if not outlet.cancelled or task is None or task.uncancel():
                 raise
             disconnected = True
         finally:
-            client.sending = False
-            if client._handoff is not None:
-                client._handoff.close()
-                client._handoff = None
-            service._detach(client, reason)
+            outlet.sending = False
+            if outlet.handoff is not None:
+                outlet.handoff.close()
+                outlet.handoff = None
+            host.detach(client, reason)
         if not disconnected:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         if self.background is not None:
@@ -210,20 +240,20 @@ class RefusedStream(SSEResponse):
     ``hard_refusals`` the HTTP error itself (503 or 429, with ``Retry-After``).
     """
 
-    def __init__(self, client: SSEClient, service: SSEService, error: LimitExceededError) -> None:
-        super().__init__(client, service)
+    def __init__(self, client: SSEClient, host: StreamHost, error: LimitExceededError) -> None:
+        super().__init__(client, host)
         self.error = error
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         error = self.error
-        if self.service.settings.hard_refusals:
+        if self.host.hard_refusals:
             refusal = JSONResponse({"detail": error.detail}, status_code=error.status_code, headers=error.headers)
             await refusal(scope, receive, send)
             return
         await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
         if scope.get("method") != "HEAD":
             reason = str(error.detail).replace("\r", " ").replace("\n", " ")
-            body = self.service.retry_hint() + b": refused: " + reason.encode() + b"\n\n"
+            body = self.host.retry_hint() + b": refused: " + reason.encode() + b"\n\n"
             await send({"type": "http.response.body", "body": body, "more_body": False})
         else:
             await send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -11,9 +11,11 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 from conftest import RedisServer
+from helpers.sinks import Inbox
 
-from fastapi_sse.backends.base import Backend, Message, Publication
+from fastapi_sse.backends.base import Backend, Publication
 from fastapi_sse.backends.memory import MemoryBackend
 from fastapi_sse.backends.redis import RedisBackend
 
@@ -30,25 +32,6 @@ def make_backend(request: pytest.FixtureRequest) -> Factory:
     server: RedisServer = request.getfixturevalue("redis_server")
     prefix = f"test:{uuid.uuid4().hex[:10]}:"
     return lambda **kw: RedisBackend(server.url, key_prefix=prefix, timeout=2.0, **kw)
-
-
-class Inbox:
-    """What a backend delivered, with a way to wait for it."""
-
-    def __init__(self) -> None:
-        self.messages: list[Message] = []
-        self._changed = asyncio.Event()
-
-    def __call__(self, message: Message) -> None:
-        self.messages.append(message)
-        self._changed.set()
-
-    async def wait_for(self, count: int, within: float = 5.0) -> list[Message]:
-        async with asyncio.timeout(within):
-            while len(self.messages) < count:
-                self._changed.clear()
-                await self._changed.wait()
-        return self.messages
 
 
 @pytest.fixture
@@ -242,7 +225,11 @@ async def test_redis_routes_client_channels_through_one_worker_channel(redis_ser
         await backend.publish("$client:w1.aaa", b"to a", None, store=False)
         got = await inbox.wait_for(2)
         assert [(m.channel, m.payload) for m in got] == [("$client:w1.bbb", b"to b"), ("$client:w1.aaa", b"to a")]
-        assert backend._routes == {prefix + "w:w1": 2}
+        # One Redis subscription carries both clients' channels (beside the system channel).
+        async with aioredis.Redis.from_url(redis_server.url) as r:
+            assert sorted(await r.pubsub_channels(prefix + "*")) == sorted(
+                [prefix.encode() + b"sys", prefix.encode() + b"w:w1"]
+            )
     finally:
         await backend.close()
 

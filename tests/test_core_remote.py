@@ -27,7 +27,7 @@ from fastapi_sse import (
     allow_all,
     create_sse_router,
 )
-from fastapi_sse.backends.base import Deliver
+from fastapi_sse.backends.base import Coordination, Sink
 from fastapi_sse.wire import frame_payload
 
 
@@ -54,16 +54,17 @@ class LoopbackBackend(Backend):
         self.down = False
         self.failing_listens = 0
         self.before_replay: Callable[[], Awaitable[None]] | None = None
-        self._deliver: Deliver | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self.sink: Sink | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.coordination = LoopbackCoordination(self)
 
-    def _check(self) -> None:
+    def check(self) -> None:
         if self.down:
             raise ConnectionError("store unreachable")
 
-    async def start(self, deliver: Deliver) -> None:
-        self._deliver = deliver
-        self._loop = asyncio.get_running_loop()
+    async def start(self, sink: Sink) -> None:
+        self.sink = sink
+        self.loop = asyncio.get_running_loop()
         self.hub.backends.append(self)
 
     async def close(self) -> None:
@@ -81,11 +82,11 @@ class LoopbackBackend(Backend):
     async def publish(
         self, channel: str, payload: bytes, event_id: str | None, *, store: bool, index: Collection[str] = ()
     ) -> Message:
-        self._check()
+        self.check()
         message = self.hub.store.publish_nowait(channel, payload, event_id, store=store, index=index)
         for backend in list(self.hub.backends):
-            if channel in backend.listening and backend._loop is not None and backend._deliver is not None:
-                backend._loop.call_soon_threadsafe(backend._deliver, message)
+            if channel in backend.listening and backend.loop is not None and backend.sink is not None:
+                backend.loop.call_soon_threadsafe(backend.sink.deliver, message)
         return message
 
     async def head(self) -> int:
@@ -100,19 +101,29 @@ class LoopbackBackend(Backend):
             await hook()
         return await self.hub.store.replay(channels, after)
 
-    async def announce(self, worker_id: str, info: bytes, ttl: float) -> None:
-        self._check()
+
+class LoopbackCoordination(Coordination):
+    """The hub's registry of workers and capped groups, as a shared store keeps them."""
+
+    def __init__(self, backend: LoopbackBackend) -> None:
+        self.backend = backend
+        self.hub = backend.hub
+
+    async def announce(self, worker_id: str, info: bytes, ttl: float) -> bool:
+        self.backend.check()
+        known = worker_id in self.hub.registered
         self.hub.registered[worker_id] = info
+        return known
 
     async def withdraw(self, worker_id: str) -> None:
         self.hub.registered.pop(worker_id, None)
 
     async def peers(self) -> dict[str, bytes]:
-        self._check()
+        self.backend.check()
         return dict(self.hub.registered)
 
     async def claim(self, group: str, member: str, limit: int, *, evict: bool) -> list[str] | None:
-        self._check()
+        self.backend.check()
         members = self.hub.groups.setdefault(group, [])
         evicted: list[str] = []
         if len(members) >= limit:
@@ -127,6 +138,11 @@ class LoopbackBackend(Backend):
         members = self.hub.groups.get(group, [])
         if member in members:
             members.remove(member)
+
+    async def reclaim(self, groups: dict[str, list[str]]) -> None:
+        for group, members in groups.items():
+            known = self.hub.groups.setdefault(group, [])
+            known.extend(m for m in members if m not in known)
 
 
 def worker_app(hub: Hub, settings: SSESettings, **router_kwargs: Any) -> tuple[FastAPI, SSEService]:
@@ -180,7 +196,7 @@ def test_outbox_holds_publishes_while_the_backend_is_down(caplog: pytest.LogCapt
     ):
         backend.down = True
         sse.broadcast("o", "e", [-1, pad])
-        wait_until(lambda: sse._counters.backend_errors >= 1, message="the outbox to find the backend down")
+        wait_until(lambda: sse.counters.backend_errors >= 1, message="the outbox to find the backend down")
         # One burst, from a function on the loop: beyond publish_buffer_bytes publishes
         # are counted as failed, and logged once.
         srv.call(lambda: [sse.broadcast("o", "e", [i, pad]) for i in range(200)])
@@ -196,7 +212,7 @@ def test_outbox_holds_publishes_while_the_backend_is_down(caplog: pytest.LogCapt
         assert [e.json()[0] for e in stream.events(kept)] == list(range(-1, kept - 1))
         assert sse.stats().pending_publishes == 0
         assert sse.stats().publish_failures == 201 - kept + 1  # the awaited one too
-        assert sse._counters.backend_errors >= 2
+        assert sse.counters.backend_errors >= 2
     lost = [r for r in caplog.records if "event(s) lost" in r.getMessage()]
     assert len(lost) == 1 and f"{201 - kept} event(s) lost" in lost[0].getMessage()
 
@@ -301,8 +317,8 @@ def test_lost_channels_close_their_clients_so_they_resume() -> None:
             open_stream(srv.url + "/subscribe", params={"channel": "lost"}) as hit,
             open_stream(srv.url + "/subscribe", params={"channel": "kept"}) as spared,
         ):
-            assert backend.lost is not None
-            srv.call(backend.lost, ["lost"])
+            assert backend.sink is not None
+            srv.call(backend.sink.lost, ["lost"])
             assert hit.rest() == []
             srv.call(sse.broadcast, "kept", "e", "alive")
             assert spared.next_event().json() == "alive"
@@ -335,7 +351,7 @@ def test_a_worker_starts_while_the_store_is_unreachable() -> None:
         backend = LoopbackBackend(Hub())
         backend.down = True
         async with SSEService(fast_settings(), backend=backend) as sse:
-            assert sse._counters.backend_errors == 1
+            assert sse.counters.backend_errors == 1
             backend.down = False
             client, _ = sse.add_client()
             assert sse.get_clients() == [client]

@@ -17,7 +17,7 @@ from helpers.apps import fast_settings, router_app, served
 from helpers.streams import open_stream, raw_request, raw_stream, wait_until
 
 from fastapi_sse import ALL_CHANNEL, SSEDep, SSEService, Text, allow_all, create_sse_router, get_sse_from_app
-from fastapi_sse.service import CLIENT_CHANNEL_PREFIX
+from fastapi_sse._names import client_channel
 
 CYCLES = 1000
 BATCH = 50
@@ -32,11 +32,11 @@ def test_closed_client_leaves_every_channel_promptly() -> None:
         with open_stream(srv.url + "/subscribe", params={"channel": ["a", "b"]}):
             client = wait_until(lambda: srv.call(sse.get_clients))[0]
             assert client.channels == {"a", "b"}
-            assert srv.call(sse.get_clients_by_channel, CLIENT_CHANNEL_PREFIX + client.id) == [client]
+            assert srv.call(sse.get_clients_by_channel, client_channel(client.id)) == [client]
         wait_until(lambda: not srv.call(sse.get_clients), message="the client to be removed")
-        for channel in ("a", "b", ALL_CHANNEL, CLIENT_CHANNEL_PREFIX + client.id):
+        for channel in ("a", "b", ALL_CHANNEL, client_channel(client.id)):
             assert srv.call(sse.get_clients_by_channel, channel) == []
-        assert srv.call(lambda: dict(sse._channels)) == {}
+        assert sse.stats().by_channel == {}
         assert client.closed and client.close_reason == "client_closed"
         assert sse.stats().disconnects == {"client_closed": 1}
         assert srv.call(sse.send_to, client.id, "e", 1) is False
@@ -66,7 +66,9 @@ def test_many_connect_disconnect_cycles_leave_nothing_behind() -> None:
                 sock.close()
         wait_until(lambda: not srv.call(sse.get_clients), message="every client to be removed")
         wait_until(lambda: task_count(srv) <= baseline, message=f"tasks back to {baseline}")
-        assert srv.call(lambda: (dict(sse._channels), dict(sse._identities), dict(sse._clients))) == ({}, {}, {})
+        assert srv.call(sse.get_clients_by_channel, ALL_CHANNEL) == []
+        assert [srv.call(sse.get_clients_by_identity, f"user-{n}") for n in range(3)] == [[], [], []]
+        assert sse.stats().by_channel == {}
         stats = sse.stats()
         assert stats.connects == CYCLES + 1
         assert sum(stats.disconnects.values()) == CYCLES + 1
@@ -158,7 +160,7 @@ def test_client_leaving_while_its_stream_is_blocked_in_a_send_ends_without_an_er
                 srv.call(publish)
             sock.close()
             wait_until(lambda: client.closed and not srv.call(sse.get_clients), message="the client to be removed")
-            wait_until(lambda: client._task is not None and client._task.done(), message="the stream to end")
+            wait_until(lambda: srv.call(sse.stats).streaming == 0, message="the stream to end")
         finally:
             server_log.removeHandler(caplog.handler)
         assert client.close_reason == "client_closed"
@@ -182,8 +184,7 @@ def test_aclose_waits_for_streams_and_abandons_those_stuck_on_a_stalled_client()
             srv.call(lambda: [sse.broadcast("stalled", "big", Text("x" * 30_000)) for _ in range(5)])
         srv.call(sse.broadcast, "reader", "last", "before shutdown")
         srv.call(sse.aclose, 0.5)
-        assert srv.call(lambda: dict(sse._streams)) == {}
-        assert client._task is not None and client._task.done()
+        assert srv.call(sse.stats).streaming == 0
         got = reader.next_event()
         assert (got.event, got.json()) == ("last", "before shutdown")
         stalled.close()

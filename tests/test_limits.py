@@ -180,7 +180,10 @@ def test_identity_limit_remove_oldest_ends_the_oldest_stream() -> None:
                 assert [e.event for e in other.events(2)] == ["before", "after"]
                 assert [c.identity for c in srv.call(sse.get_clients)] == ["alice", "bob", "alice"]
         assert sse.stats().disconnects["replaced"] == 1
-        wait_until(lambda: not srv.call(lambda: sse._identities), message="identity entries to go")
+        wait_until(
+            lambda: not srv.call(sse.get_clients_by_identity, "alice") + srv.call(sse.get_clients_by_identity, "bob"),
+            message="identity entries to go",
+        )
 
 
 def test_identity_limit_refuse_tells_the_stream_to_come_back(http: httpx.Client) -> None:

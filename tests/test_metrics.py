@@ -267,7 +267,7 @@ def test_redis_outage_shows_in_backend_metrics() -> None:
             )
             backend = sse.backend
             assert up("fastapi_sse_backend_reconnects_total") == backend.reconnects
-            assert up("fastapi_sse_backend_errors_total") == sse._counters.backend_errors + backend.errors
+            assert up("fastapi_sse_backend_errors_total") == sse.counters.backend_errors + backend.errors
     finally:
         redis.proc.kill()
         redis.proc.wait(10)

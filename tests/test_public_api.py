@@ -10,13 +10,15 @@ import fastapi_sse
 
 # Modules whose public names are their own business (optional extras, internals).
 OWN_NAMESPACE = {"fastapi_sse.metrics", "fastapi_sse.backends.redis"}
-# Public-looking names that are implementation details of their module.
+# Public-looking names of public modules that are implementation details (modules
+# named with a leading underscore are internal whole, and not listed).
 INTERNAL = {
-    "fastapi_sse.client": {"Frame"},
+    "fastapi_sse.client": {"Frame", "Outlet"},
+    "fastapi_sse.response": {"StreamHost"},
     "fastapi_sse.router": {"Authorize", "DefaultChannels", "Identify", "MaybeAwaitable", "OnConnect", "T"},
-    "fastapi_sse.service": {"CLIENT_CHANNEL_PREFIX", "logger"},
+    "fastapi_sse.service": {"EventSpec", "logger"},
     "fastapi_sse.settings": {"BackendName", "ENV_PREFIX", "IdentityLimitPolicy", "OverflowPolicy"},
-    "fastapi_sse.stats": {"Counters", "LATENCY_BUCKETS"},
+    "fastapi_sse.stats": {"LATENCY_BUCKETS"},
     "fastapi_sse.dependencies": {"STATE_KEY"},
     "fastapi_sse.middleware": {"SCOPE_KEY", "Slot", "claim"},
     # Public, imported as fastapi_sse.serving: a way to run the server, not the API.
@@ -35,15 +37,13 @@ INTERNAL = {
         "frame_payload",
         "retry_frame",
     },
-    "fastapi_sse.backends.base": {"Deliver"},
-    "fastapi_sse.writer": {"Handoff", "Writer"},
 }
 
 
 def package_modules() -> list[ModuleType]:
     modules = []
     for info in pkgutil.walk_packages(fastapi_sse.__path__, "fastapi_sse."):
-        if info.name in OWN_NAMESPACE or info.ispkg:
+        if info.name in OWN_NAMESPACE or info.ispkg or info.name.rpartition(".")[2].startswith("_"):
             continue
         modules.append(importlib.import_module(info.name))
     return modules

@@ -16,8 +16,8 @@ import pytest
 import redis
 from conftest import RedisServer, serve_process, start_redis
 from helpers.apps import fast_settings
+from helpers.sinks import Inbox
 from helpers.streams import RawResponse, open_stream, raw_stream, wait_until
-from test_backend_contract import Inbox
 from test_redis_cluster import APP, cluster_env, local, publish, read_until
 
 from fastapi_sse import BackendError, Message, Publication, SSEService, SSESettings
@@ -50,7 +50,7 @@ def next_ping(raw: RawResponse) -> None:
     """Read the stream until a heartbeat arrives that was not there before."""
     start = len(raw.body)
     while b": ping" not in raw.body[start:]:
-        assert raw._read_chunk(), "the stream ended"
+        assert raw.read_chunk(), "the stream ended"
 
 
 def pubsub_connections(server: RedisServer) -> int:
@@ -249,8 +249,8 @@ async def partition(redis_server: RedisServer, *, history_size: int) -> AsyncIte
     async with Cuttable(redis_server.port) as network:
         worker = RedisBackend(network.url, **settings)
         publisher = RedisBackend(redis_server.url, **settings)
-        state = Partition(network, worker, publisher, Inbox(), [])
-        worker.lost = lambda channels: state.lost.append(sorted(channels))
+        inbox = Inbox()
+        state = Partition(network, worker, publisher, inbox, inbox.lost_channels)
         await worker.start(state.inbox)
         await publisher.start(Inbox())
         try:
@@ -423,7 +423,7 @@ async def test_an_outbox_batch_sent_again_after_a_failure_is_stored_once(redis_s
         network.lose_next_reply(then_cut=True)
         for i in range(3):
             sse.broadcast("r", "e", i)
-        await until(lambda: network.replies_lost == 1 and sse._counters.backend_errors >= 1)
+        await until(lambda: network.replies_lost == 1 and sse.counters.backend_errors >= 1)
         assert sse.stats().pending_publishes == 3
         network.heal()
         await until(lambda: sse.stats().pending_publishes == 0)
@@ -449,7 +449,7 @@ async def test_a_burst_while_redis_is_unreachable_fills_the_outbox_to_its_bound(
     ):
         network.cut()
         sse.broadcast("o", "e", [-1, pad])
-        await until(lambda: sse._counters.backend_errors >= 1)
+        await until(lambda: sse.counters.backend_errors >= 1)
         # One burst from this task, on the loop, while Redis is known to be unreachable.
         for i in range(200):
             sse.broadcast("o", "e", [i, pad])

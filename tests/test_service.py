@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from fastapi import FastAPI, Request
 from helpers.apps import fast_settings, own_route_app, router_app, served
+from helpers.sinks import Inbox
 from helpers.streams import open_stream, wait_until
 from sse_starlette.sse import EventSourceResponse
 
@@ -283,8 +284,9 @@ def test_publish_failures_raise_backend_error_and_are_counted() -> None:
 def test_memory_backend_contract_directly() -> None:
     async def scenario() -> None:
         backend = MemoryBackend(history_size=2, history_ttl=60)
-        delivered: list[Message] = []
-        await backend.start(delivered.append)
+        inbox = Inbox()
+        delivered = inbox.messages
+        await backend.start(inbox)
         await backend.listen(["a"])
         first = await backend.publish("a", b"1", None, store=True)
         await backend.publish("a", b"2", "x-2", store=True)

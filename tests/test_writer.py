@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import gc
 from collections.abc import AsyncIterator
-from typing import Any
+from datetime import UTC, datetime
 
 import httpx
 from helpers.apps import fast_settings, router_app, served
@@ -15,7 +15,9 @@ from helpers.streams import open_stream, raw_request, wait_until
 from sse_starlette.sse import EventSourceResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from fastapi_sse import tune_gc
+from fastapi_sse import SSEClient, tune_gc
+from fastapi_sse._writer import Outlet, Writer
+from fastapi_sse.client import Frame
 
 
 class AwaitingSend:
@@ -74,22 +76,32 @@ def test_a_send_that_fails_ends_only_its_own_stream() -> None:
 
 def test_many_parked_streams_each_get_a_broadcast() -> None:
     # More streams than the writer serves before letting other tasks run.
-    with served(router_app(fast_settings(max_connections=2000))) as (srv, sse):
-
-        async def add_parked(count: int) -> list[Any]:
-            clients = []
-            for _ in range(count):
-                client, _ = sse.add_client()
-                client._parked = True
-                client._on_ready = sse._writer.add
-                clients.append(client)
-            return clients
-
-        clients = srv.call(add_parked, 600)
-        srv.call(sse.broadcast_all, "n", 1)
-        # Streams without a response never started: the writer hands them back at once.
-        wait_until(lambda: all(not c._parked for c in clients), message="every parked client to be woken")
+    async def scenario() -> None:
+        writer = Writer(lambda events, size, created: None)
+        running = asyncio.create_task(writer.run())
+        clients = []
+        for n in range(600):
+            client = SSEClient(
+                f"c{n}",
+                created_at=datetime.now(UTC),
+                last_event_id=None,
+                identity=None,
+                buffer_limit=1 << 20,
+                policy="disconnect",
+            )
+            client.outlet = outlet = Outlet(client, writer)
+            outlet.parked = True
+            clients.append(client)
+        frame = Frame(1, "$all", b"data: 1\n\n")
+        for client in clients:
+            client.push(frame)
+        await writer.settled()
+        # Streams without a response to send to: the writer hands them back at once.
+        assert all(c.outlet is not None and not c.outlet.parked for c in clients)
         assert all(c.buffered_bytes for c in clients)
+        running.cancel()
+
+    asyncio.run(scenario())
 
 
 def test_tune_gc_freezes_startup_objects_and_raises_thresholds() -> None:
@@ -114,7 +126,12 @@ def test_an_open_stream_costs_no_task_beyond_the_servers_own() -> None:
             sock, head = raw_request(srv.port, "/subscribe?channel=c")
             assert head is not None and head.status == 200
             socks.append((sock, head))
-        wait_until(lambda: len(srv.call(sse.get_clients)) == 20 and all(c._parked for c in sse.get_clients()))
+        wait_until(
+            lambda: (
+                len(srv.call(sse.get_clients)) == 20
+                and all(c.outlet is not None and c.outlet.parked for c in sse.get_clients())
+            )
+        )
         # uvicorn runs each request in one task; parked streams add none.
         assert srv.call(lambda: len(asyncio.all_tasks())) == baseline + 20
         srv.call(sse.broadcast, "c", "n", "to all")
@@ -122,7 +139,7 @@ def test_an_open_stream_costs_no_task_beyond_the_servers_own() -> None:
             assert b'"to all"' in head.read_until(b'"to all"')
         victim = srv.call(sse.get_clients)[0]
         assert srv.call(sse.remove_client, victim.id)
-        wait_until(lambda: victim._task is not None and victim._task.done(), message="the removed stream to end")
+        wait_until(lambda: srv.call(sse.stats).streaming == 19, message="the removed stream to end")
         for sock, _ in socks:
             sock.close()
         wait_until(lambda: not srv.call(sse.get_clients), message="disconnects noticed by parked streams")

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import itertools
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,15 +68,35 @@ class Publication:
     after a failure carries the same keys, so a backend can recognise what it stored."""
 
 
-Deliver = Callable[[Message], None]
+class Sink(Protocol):
+    """Where a backend hands what it receives: the service's side of :meth:`Backend.start`."""
+
+    def deliver(self, message: Message) -> None:
+        """Fan one message of a listened channel out to this process's clients."""
+
+    def lost(self, channels: Collection[str]) -> None:
+        """A remote backend could not deliver what these channels missed (history no
+        longer held it after a reconnection): their clients must resume."""
+
+    async def settle(self) -> None:
+        """Awaited between batches of a burst of deliveries, so that the streams write
+        one batch before the next arrives (a fast reader is then not taken for a slow
+        consumer)."""
 
 
 class Backend(ABC):
-    """Base class of backends. Subclasses implement the abstract methods."""
+    """The transport: carry messages between processes and keep their history.
+
+    Subclasses implement the abstract methods. A backend shared by many processes
+    (``remote``) also offers :attr:`coordination`.
+    """
 
     remote: bool = False
     """True when messages arrive asynchronously from another process, so the
     service must wait for :meth:`listen` before reading history."""
+
+    coordination: Coordination | None = None
+    """What makes the workers sharing this backend one service; None for one process."""
 
     errors: int = 0
     """Failures the backend handled itself without raising to the service (e.g. a
@@ -87,8 +108,8 @@ class Backend(ABC):
     (``fastapi_sse_backend_reconnects_total``)."""
 
     @abstractmethod
-    async def start(self, deliver: Deliver) -> None:
-        """Connect; from now on call ``deliver`` for every message on a listened channel."""
+    async def start(self, sink: Sink) -> None:
+        """Connect; from now on hand every message of a listened channel to ``sink``."""
 
     @abstractmethod
     async def close(self) -> None:
@@ -126,6 +147,12 @@ class Backend(ABC):
             await self.publish(p.channel, p.payload, p.event_id, store=p.store, index=p.index) for p in publications
         ]
 
+    def publish_nowait(
+        self, channel: str, payload: bytes, event_id: str | None, *, store: bool, index: Collection[str] = ()
+    ) -> Message | None:
+        """Publish synchronously when the backend can (in-process ones); None otherwise."""
+        return None
+
     @abstractmethod
     async def head(self) -> int:
         """The newest sequence number assigned (0 before the first)."""
@@ -147,54 +174,62 @@ class Backend(ABC):
     async def replay(self, channels: Collection[str], after: int | None) -> Replay:
         """Stored messages with ``seq > after`` on ``channels``. A channel whose history
         was trimmed past ``after`` is reported in ``gaps`` and its messages left out;
-        ``after=None`` (an unknown cursor) makes every channel a gap."""
+        ``after=None`` (an unknown cursor) makes every channel a gap. History past its
+        age is the backend's own to drop."""
 
-    def expire(self) -> None:
-        """Drop history past its age; called periodically by the service. Backends
-        whose store expires entries itself (Redis) need not override it."""
-        return None
 
-    def publish_nowait(
-        self, channel: str, payload: bytes, event_id: str | None, *, store: bool, index: Collection[str] = ()
-    ) -> Message | None:
-        """Publish synchronously when the backend can (in-process ones); None otherwise."""
-        return None
+class Coordination(ABC):
+    """What many workers sharing one store need from it to act as one service: a
+    registry of live workers (with their stats) and groups capped across workers
+    (connections per identity). A shared backend offers it as
+    :attr:`Backend.coordination`."""
 
-    # Shared backends (``remote``) also carry what makes many workers one service.
-    # The in-process defaults below do nothing: one process needs none of it.
-
-    settle: Callable[[], Awaitable[None]] | None = None
-    """Set by the service: a backend that delivers many messages in a row (a burst read
-    from its store) awaits it between batches, so that the service writes them to the
-    streams before more arrive and a fast reader is not taken for a slow consumer."""
-
-    lost: Callable[[Collection[str]], None] | None = None
-    """Set by the service: a remote backend calls it with the channels whose missed
-    events it could not deliver (history no longer held them after a reconnection)."""
-
+    @abstractmethod
     async def announce(self, worker_id: str, info: bytes, ttl: float) -> bool:
         """Register a worker and its opaque ``info`` for ``ttl`` seconds; True when it
         was still registered (a refresh), False when the store no longer had it."""
-        return True
 
+    @abstractmethod
     async def withdraw(self, worker_id: str) -> None:
         """Remove a worker's registration."""
-        return None
 
+    @abstractmethod
     async def peers(self) -> dict[str, bytes]:
         """The ``info`` of every registered worker, by worker id."""
-        return {}
 
+    @abstractmethod
     async def claim(self, group: str, member: str, limit: int, *, evict: bool) -> list[str] | None:
-        """Add ``member`` to a group capped at ``limit`` across processes. When it is full,
+        """Add ``member`` (``<worker id>.<rest>``) to a group capped at ``limit`` across
+        workers; members of workers no longer registered do not count. When it is full,
         return the oldest members removed to make room if ``evict``, else None (refused)."""
-        return []
 
+    @abstractmethod
     async def release(self, group: str, member: str) -> None:
         """Remove ``member`` from a group made by :meth:`claim`."""
-        return None
 
+    @abstractmethod
     async def reclaim(self, groups: dict[str, list[str]]) -> None:
         """Put members back in their groups, oldest first, where the store lost them
         (it restarted empty, or was flushed), without evicting anyone."""
+
+
+class NoCoordination(Coordination):
+    """Coordination for a worker alone: every worker is itself, every group admits."""
+
+    async def announce(self, worker_id: str, info: bytes, ttl: float) -> bool:
+        return True
+
+    async def withdraw(self, worker_id: str) -> None:
+        return None
+
+    async def peers(self) -> dict[str, bytes]:
+        return {}
+
+    async def claim(self, group: str, member: str, limit: int, *, evict: bool) -> list[str] | None:
+        return []
+
+    async def release(self, group: str, member: str) -> None:
+        return None
+
+    async def reclaim(self, groups: dict[str, list[str]]) -> None:
         return None

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import OrderedDict, deque
 from collections.abc import Collection, Sequence
 
-from fastapi_sse.backends.base import Backend, Deliver, Message, Publication, Replay
+from fastapi_sse.backends.base import Backend, Message, Publication, Replay, Sink
 
 # Index entries kept apart from the history: ids of events for one client, and ids
 # whose events are gone (each for one TTL).
@@ -15,6 +16,9 @@ _MAX_KEPT_IDS = 100_000
 # The id index: (channel, id) -> [seq, or _REPEATED once the id came twice on the
 # channel, count of the indexed events still held].
 _REPEATED = -1
+
+_EXPIRE_EVERY = 5.0
+"""Seconds between two sweeps of expired history, at most (a replay expires what it reads)."""
 _IdKey = tuple[str, str]
 
 
@@ -36,7 +40,8 @@ class MemoryBackend(Backend):
         self._size = history_size
         self._ttl = history_ttl
         self._seq = 0
-        self._deliver: Deliver | None = None
+        self._sink: Sink | None = None
+        self._expiry: asyncio.TimerHandle | None = None
         self._history: dict[str, _History] = {}
         self._ids: dict[_IdKey, list[int]] = {}
         # Index entries none of whose events is held any more, kept for one TTL as
@@ -52,11 +57,22 @@ class MemoryBackend(Backend):
         # first, so a client resuming from one resumes exactly; they expire with the TTL.
         self._loose_ids: deque[tuple[float, tuple[_IdKey, ...]]] = deque()
 
-    async def start(self, deliver: Deliver) -> None:
-        self._deliver = deliver
+    async def start(self, sink: Sink) -> None:
+        self._sink = sink
+        self._schedule_expiry(asyncio.get_running_loop())
 
     async def close(self) -> None:
-        self._deliver = None
+        self._sink = None
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+
+    def _schedule_expiry(self, loop: asyncio.AbstractEventLoop) -> None:
+        def tick() -> None:
+            self.expire()
+            self._schedule_expiry(loop)
+
+        self._expiry = loop.call_later(max(0.05, min(_EXPIRE_EVERY, self._ttl / 4)), tick)
 
     async def listen(self, channels: Collection[str]) -> None:
         return None
@@ -104,8 +120,8 @@ class MemoryBackend(Backend):
                 self._loose_ids.append((time.monotonic(), keys))
                 if len(self._loose_ids) > _MAX_KEPT_IDS:
                     self._forget_loose_id()
-        if self._deliver is not None:
-            self._deliver(message)
+        if self._sink is not None:
+            self._sink.deliver(message)
         return message
 
     async def head(self) -> int:

@@ -31,7 +31,8 @@ from redis.backoff import NoBackoff
 from redis.exceptions import AuthenticationError, NoPermissionError, NoScriptError, RedisError, ResponseError
 from redis.retry import Retry as BlockingRetry
 
-from fastapi_sse.backends.base import Backend, Deliver, Message, Publication, Replay
+from fastapi_sse._names import CLIENT_CHANNEL_PREFIX, worker_of
+from fastapi_sse.backends.base import Backend, Coordination, Message, Publication, Replay, Sink
 from fastapi_sse.errors import BackendError
 
 if TYPE_CHECKING:
@@ -41,11 +42,6 @@ logger = logging.getLogger("fastapi_sse.redis")
 
 MIN_REDIS_VERSION = (5, 0)
 """Oldest Redis this backend runs on (``ZPOPMIN``, effect replication of scripts)."""
-
-# Channels named "$client:<worker>.<hex>" (the service's per-client channels) travel
-# on one Redis channel per worker, so a worker holds one subscription for all its
-# clients instead of one per client.
-_CLIENT_PREFIX = "$client:"
 
 # Channels whose last stored event is older than the TTL have lost their whole
 # history (the key expired). Record the newest such seq as the floor below which a
@@ -402,7 +398,7 @@ def _parse_published(data: bytes) -> Message:
     return Message(int(seq), rest[a : a + b].decode(), event_id or seq.decode(), rest[a + b :])
 
 
-class RedisBackend(Backend):
+class RedisBackend(Backend, Coordination):
     """Channels, ids and history shared by every worker connected to one Redis.
 
     Build it with :meth:`from_settings` (``SSE_BACKEND=redis`` does it for you).
@@ -436,7 +432,8 @@ class RedisBackend(Backend):
         self.health_interval = health_interval
         self._redis: aioredis.Redis | None = None
         self._subscriber: aioredis.Redis | Any = None
-        self._deliver: Deliver | None = None
+        self._sink: Sink | None = None
+        self.coordination = self
         self._routes: dict[str, int] = {}  # Redis channel -> listened channels routed to it
         self._listened: dict[str, int] = {}  # channel -> seq it has been live since
         self._waiting: dict[str, list[asyncio.Future[None]]] = {}
@@ -479,7 +476,7 @@ class RedisBackend(Backend):
 
     # -- lifecycle -------------------------------------------------------------------
 
-    async def start(self, deliver: Deliver) -> None:
+    async def start(self, sink: Sink) -> None:
         """Check the server (reachable, credentials, scripting, version), then open the
         subscription connection. Raises :class:`BackendError` saying what to fix."""
         where = _redact(self.url)
@@ -565,7 +562,7 @@ class RedisBackend(Backend):
         self._publish_script = client.register_script(_PUBLISH)
         self._replay_script = client.register_script(_REPLAY)
         self._claim_script = client.register_script(_CLAIM)
-        self._deliver = deliver
+        self._sink = sink
         self._ready = asyncio.get_running_loop().create_future()
         self._reader = asyncio.get_running_loop().create_task(self._run())
         try:
@@ -586,15 +583,16 @@ class RedisBackend(Backend):
             await self._subscriber.aclose()
             self._blocking.close()
             self._redis = None
-        self._deliver = None
+        self._sink = None
 
     # -- subscriptions -----------------------------------------------------------------
 
     def _route(self, channel: str) -> str:
-        if channel.startswith(_CLIENT_PREFIX):
-            worker, dot, _ = channel[len(_CLIENT_PREFIX) :].partition(".")
-            if dot:
-                return self.prefix + "w:" + worker
+        # A client's channel travels on its worker's Redis channel, so a worker holds
+        # one subscription for all its clients instead of one per client.
+        worker = worker_of(channel)
+        if worker is not None:
+            return self.prefix + "w:" + worker
         return self.prefix + "c:" + channel
 
     def _backlog(self, channel: str) -> str | None:
@@ -636,7 +634,7 @@ class RedisBackend(Backend):
             # Not live: forget them, so that the service's retry subscribes again.
             self._forget(new)
             raise BackendError(f"Redis did not confirm the subscription: {exc or 'timed out'}") from exc
-        tracked = [c for c in new if not c.startswith(_CLIENT_PREFIX)]
+        tracked = [c for c in new if not c.startswith(CLIENT_CHANNEL_PREFIX)]
         if tracked:
             # Events before this point are not this worker's to catch up on later.
             with contextlib.suppress(BackendError):
@@ -988,7 +986,7 @@ class RedisBackend(Backend):
         listened channel; report the channels whose history no longer reaches back."""
         by_after: dict[int, list[str]] = {}
         for channel, since in self._listened.items():
-            if not channel.startswith(_CLIENT_PREFIX):
+            if not channel.startswith(CLIENT_CHANNEL_PREFIX):
                 by_after.setdefault(max(since, self._last_seq), []).append(channel)
         messages: list[Message] = []
         gaps: set[str] = set()
@@ -1008,7 +1006,7 @@ class RedisBackend(Backend):
             if len(backlog) >= cap and len(missed) == len(backlog):
                 # The backlog overflowed while this worker was cut off: some events for
                 # its clients may be gone. Their clients resume (and replay channels).
-                gaps.update(c for c in self._listened if c.startswith(_CLIENT_PREFIX))
+                gaps.update(c for c in self._listened if c.startswith(CLIENT_CHANNEL_PREFIX))
         messages.sort(key=lambda m: m.seq)
         for done, message in enumerate(messages, 1):
             self._handle(message)
@@ -1020,8 +1018,8 @@ class RedisBackend(Backend):
                 "their clients are closed so that they resume",
                 len(gaps),
             )
-            if self.lost is not None:
-                self.lost(sorted(gaps))
+            if self._sink is not None:
+                self._sink.lost(sorted(gaps))
 
     async def _read(self, pubsub: Any) -> None:
         probe_sent = False
@@ -1043,7 +1041,7 @@ class RedisBackend(Backend):
 
     async def _settle(self) -> None:
         self._burst = 0
-        await (self.settle() if self.settle is not None else asyncio.sleep(0))
+        await (self._sink.settle() if self._sink is not None else asyncio.sleep(0))
 
     def _on_message(self, message: dict[str, Any]) -> None:
         kind = message["type"]
@@ -1059,5 +1057,5 @@ class RedisBackend(Backend):
         if message.seq <= self._last_seq:
             return
         self._last_seq = message.seq
-        if self._deliver is not None:
-            self._deliver(message)
+        if self._sink is not None:
+            self._sink.deliver(message)

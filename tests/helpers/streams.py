@@ -151,7 +151,7 @@ class RawResponse:
         data, self._buf = self._buf[:size], self._buf[size:]
         return data
 
-    def _read_chunk(self) -> bool:
+    def read_chunk(self) -> bool:
         """Decode one body chunk into ``body``; False at the end of the body."""
         if self.complete:
             return False
@@ -174,13 +174,13 @@ class RawResponse:
     def read_until(self, marker: bytes) -> bytes:
         """Body bytes read so far, once they contain ``marker``."""
         while marker not in self.body:
-            if not self._read_chunk():
+            if not self.read_chunk():
                 raise AssertionError(f"body ended before {marker!r}; got {self.body!r}")
         return self.body
 
     def read_to_end(self) -> bytes:
         """The whole body; the server must end it (a zero chunk or EOF)."""
-        while self._read_chunk():
+        while self.read_chunk():
             pass
         return self.body
 

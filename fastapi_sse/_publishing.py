@@ -15,13 +15,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import threading
 from collections import deque
-from collections.abc import Awaitable, Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Sequence
+from typing import Any
 
+from fastapi_sse._counters import Counters
+from fastapi_sse._threads import LoopThread
 from fastapi_sse.backends.base import Backend, Message, Publication
 from fastapi_sse.errors import BackendError, ServiceNotRunningError
-from fastapi_sse.stats import Counters
 
 logger = logging.getLogger("fastapi_sse")
 
@@ -73,7 +74,7 @@ class Publisher:
         self._writer_busy = writer_busy
         self._writer_settled = writer_settled
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._loop_thread: int | None = None
+        self._threads = LoopThread()
         # Publishes waiting for the loop: from other threads, and (in-process backend)
         # the rest of a burst beyond this turn's budget; a future marks the place of
         # an awaited publish that waits for what is queued before it.
@@ -98,10 +99,13 @@ class Publisher:
         self._report: asyncio.TimerHandle | None = None
         self._first_unreported = self._last_loss = 0.0
 
-    def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Bind to the loop the service runs on; called from that loop."""
-        self._loop = loop
-        self._loop_thread = threading.get_ident()
+    def start(self, threads: LoopThread, spawn: Callable[[Coroutine[Any, Any, None]], None]) -> None:
+        """Bind to the loop the service runs on (called on it); ``spawn`` runs the
+        outbox's task for a remote backend."""
+        self._threads = threads
+        self._loop = threads.loop
+        if self._backend.remote:
+            spawn(self._drain())
 
     def _running_loop(self) -> asyncio.AbstractEventLoop:
         if self._loop is None:
@@ -121,7 +125,7 @@ class Publisher:
         """Publish without waiting, from any thread; ``index`` as in :meth:`Backend.publish`."""
         loop = self._running_loop()
         publication = Publication(channel, payload, event_id, store, index)
-        if threading.get_ident() != self._loop_thread:
+        if not self._threads.on_loop():
             self._queued.append(publication)
             if not self._scheduled:
                 self._scheduled = True
@@ -257,7 +261,7 @@ class Publisher:
         return the messages once the backend has taken them all. Raises
         :class:`BackendError` when it cannot (a prefix may have been published)."""
         loop = self._running_loop()
-        if threading.get_ident() != self._loop_thread:
+        if not self._threads.on_loop():
             future = asyncio.run_coroutine_threadsafe(self.publish_many(publications), loop)
             return await asyncio.wrap_future(future)
         if not publications:
@@ -302,7 +306,7 @@ class Publisher:
 
     # -- the outbox task ---------------------------------------------------------------------
 
-    async def drain(self) -> None:
+    async def _drain(self) -> None:
         """Send the outbox to a remote backend in batches, in order, retrying (the
         service's task). A batch that failed is sent again as it was, with the same
         publication keys, so a backend can tell what it already stored."""
@@ -383,6 +387,3 @@ class Publisher:
                 self._to_outbox(entry)
             else:
                 self._deliver(entry)
-
-
-__all__: list[str] = []  # internal: the service uses it

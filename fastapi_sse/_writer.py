@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Coroutine, Generator
+from contextvars import Context
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from starlette.types import Send
+
     from fastapi_sse.client import SSEClient
 
 _YIELD_EVERY = 512
@@ -76,12 +79,74 @@ async def _awaiting(awaitable: Awaitable[None]) -> None:
     await awaitable
 
 
+class Outlet:
+    """The writing side of one running stream: how to send to it, and whether its
+    task is parked (every frame written; the task waits in ``receive`` for the
+    disconnect). While it is parked, :meth:`SSEClient.push` hands it to the writer,
+    which calls ``send`` in ``context``; a send it cannot finish becomes
+    :attr:`handoff`. :meth:`wake` ends the park by cancelling that wait, and sets
+    :attr:`woken` so that the stream knows the cancellation was its own."""
+
+    __slots__ = (
+        "cancelled",
+        "client",
+        "context",
+        "handoff",
+        "last_write",
+        "parked",
+        "queued",
+        "send",
+        "sending",
+        "task",
+        "woken",
+        "writer",
+    )
+
+    def __init__(self, client: SSEClient, writer: Writer) -> None:
+        self.client = client
+        self.writer = writer
+        self.send: Send | None = None
+        self.context: Context | None = None
+        self.task: asyncio.Task[Any] | None = None
+        self.parked = False
+        self.woken = False
+        self.queued = False
+        self.handoff: Handoff | None = None
+        # True once abandon() cancelled the stream's task, stuck in a send.
+        self.cancelled = False
+        self.sending = False
+        self.last_write = 0.0
+
+    def ready(self) -> None:
+        self.queued = True
+        self.writer.add(self)
+
+    def wake(self) -> None:
+        if self.parked:
+            self.parked = False
+            if self.task is not None:
+                self.woken = True
+                self.task.cancel()
+
+    def abandon(self) -> None:
+        if self.handoff is not None:
+            # A send the writer left half-done for the stream's task, which has not
+            # resumed yet: the client is gone, drop it.
+            self.handoff.close()
+            self.handoff = None
+        # A send to a client that stopped reading would wait for ever: cancel it.
+        if self.sending and self.task is not None and not self.cancelled:
+            self.cancelled = True
+            self.task.cancel()
+        self.wake()
+
+
 class Writer:
     """The service's writer task and its queue of parked streams with frames to write."""
 
     def __init__(self, sent: Callable[[int, int, float], None]) -> None:
         self._sent = sent
-        self._ready: list[SSEClient] = []
+        self._ready: list[Outlet] = []
         self._wake = asyncio.Event()
         self._writing = False
 
@@ -99,9 +164,9 @@ class Writer:
                 return
             await asyncio.sleep(0)
 
-    def add(self, client: SSEClient) -> None:
-        """Queue a parked stream that has frames; called by :meth:`SSEClient.push`."""
-        self._ready.append(client)
+    def add(self, outlet: Outlet) -> None:
+        """Queue a parked stream that has frames (see :meth:`Outlet.ready`)."""
+        self._ready.append(outlet)
         if len(self._ready) == 1:
             self._wake.set()
 
@@ -116,36 +181,33 @@ class Writer:
             now = loop.time()
             self._writing = True
             try:
-                for done, client in enumerate(batch, 1):
-                    client._queued = False
-                    if client._parked and client._buffer and not client.closed:
-                        self._write(client, now)
+                for done, outlet in enumerate(batch, 1):
+                    outlet.queued = False
+                    if outlet.parked and outlet.client.buffered_bytes and not outlet.client.closed:
+                        self._write(outlet, now)
                     if not done % _YIELD_EVERY:
                         await asyncio.sleep(0)
                         now = loop.time()
             finally:
                 self._writing = False
 
-    def _write(self, client: SSEClient, now: float) -> None:
-        send, context = client._send, client._context
+    def _write(self, outlet: Outlet, now: float) -> None:
+        send, context = outlet.send, outlet.context
         if send is None or context is None:
-            client.wake()
+            outlet.wake()
             return
-        chunk, count, created = client.take()
+        chunk, count, created = outlet.client.take()
         result = send({"type": "http.response.body", "body": chunk, "more_body": True})
         coro = result if isinstance(result, Coroutine) else _awaiting(result)
         try:
             waiting = context.run(coro.send, None)
         except StopIteration:
-            client.last_write = now
+            outlet.last_write = now
             self._sent(count, len(chunk), created)
             return
         except Exception as exc:
             # The stream's task raises it, as if its own send had failed.
-            client._handoff = Handoff(coro, None, exc, count, len(chunk), created)
+            outlet.handoff = Handoff(coro, None, exc, count, len(chunk), created)
         else:
-            client._handoff = Handoff(coro, waiting, None, count, len(chunk), created)
-        client.wake()
-
-
-__all__: list[str] = []  # internal: the service and the response use it
+            outlet.handoff = Handoff(coro, waiting, None, count, len(chunk), created)
+        outlet.wake()

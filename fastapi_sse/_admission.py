@@ -1,0 +1,102 @@
+"""What may come in: channel names, events, cursors, and the limits on streams.
+
+Every check raises an error that names the rule (an :class:`SSEError`, which FastAPI
+turns into a 4xx), the same through the router and through an app's own route.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+from fastapi_sse import wire
+from fastapi_sse._counters import Counters
+from fastapi_sse.client import SSEClient
+from fastapi_sse.errors import BadRequestError, InvalidChannelError, InvalidEventError, LimitExceededError
+from fastapi_sse.settings import SSESettings
+
+
+class Admission:
+    """The checks and limits of one service's settings."""
+
+    __slots__ = ("_channel_re", "counters", "settings")
+
+    def __init__(self, settings: SSESettings, counters: Counters) -> None:
+        self.settings = settings
+        self.counters = counters
+        self._channel_re = re.compile(settings.channel_pattern)
+
+    def check_channel(self, channel: str) -> str:
+        """Raise :class:`InvalidChannelError` unless ``channel`` is a valid name."""
+        settings = self.settings
+        if not isinstance(channel, str) or not channel:
+            raise InvalidChannelError(f"channel must be a non-empty string, got {channel!r}")
+        if len(channel) > settings.max_channel_length:
+            raise InvalidChannelError(
+                f"channel name is {len(channel)} characters, more than max_channel_length={settings.max_channel_length}"
+            )
+        if not self._channel_re.fullmatch(channel):
+            raise InvalidChannelError(
+                f"channel {channel!r} does not match the allowed pattern {settings.channel_pattern!r}"
+            )
+        return channel
+
+    def check_subscription(self, client: SSEClient) -> None:
+        """Raise :class:`LimitExceededError` when ``client`` may not take one more channel."""
+        limit = self.settings.max_channels_per_connection
+        if len(client.channels) >= limit:
+            raise LimitExceededError(
+                "max_channels_per_connection",
+                f"a stream may subscribe to at most {limit} channels (max_channels_per_connection)",
+                400,
+            )
+
+    def cursor(self, last_event_id: str | None) -> str | None:
+        """A client's ``Last-Event-ID`` checked (``""`` means none); raises
+        :class:`BadRequestError` for a malformed one."""
+        if last_event_id is None:
+            return None
+        try:
+            wire.check_last_event_id(last_event_id, self.settings.max_last_event_id_length)
+        except ValueError as exc:
+            raise BadRequestError(str(exc)) from None
+        return last_event_id or None
+
+    def encode(self, event: str, data: Any, event_id: str | None) -> bytes:
+        """An event's name and data as SSE lines (without its id), checked."""
+        name = wire.check_event_name(event)
+        if event_id is not None:
+            wire.check_event_id(event_id, self.settings.max_last_event_id_length)
+        payload = wire.frame_payload(name, wire.encode_data(data))
+        if len(payload) > self.settings.max_event_bytes:
+            raise InvalidEventError(
+                f"event {event!r} is {len(payload)} bytes encoded, more than max_event_bytes="
+                f"{self.settings.max_event_bytes}; send an id and let the client fetch the rest"
+            )
+        return payload
+
+    def refusal(self, *, closing: bool, open_streams: int) -> LimitExceededError | None:
+        """Why a new stream may not open now (shutdown, ``max_connections``), or None."""
+        settings = self.settings
+        if closing:
+            return LimitExceededError(
+                "shutdown", "the server is shutting down", 503, retry_after=math.ceil(settings.retry_interval)
+            )
+        if open_streams >= settings.max_connections:
+            return LimitExceededError(
+                "max_connections",
+                f"too many open streams (max_connections={settings.max_connections})",
+                503,
+                retry_after=math.ceil(settings.retry_interval),
+            )
+        return None
+
+    def identity_refusal(self) -> LimitExceededError:
+        """The error for a stream past ``max_connections_per_identity`` (``refuse``)."""
+        limit = self.settings.max_connections_per_identity
+        return LimitExceededError(
+            "max_connections_per_identity",
+            f"too many open streams for this user (max_connections_per_identity={limit})",
+            429,
+        )

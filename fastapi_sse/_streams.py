@@ -1,0 +1,172 @@
+"""The service's side of a running stream: what a response asks of it.
+
+A response attaches its client (the stream started), writes the opening this module
+builds (the retry hint, then the cursor or the replay of what the client missed),
+counts its writes here, and detaches when it ends, for whatever reason. The service
+waits here for the streams still running when it stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Collection
+
+from fastapi_sse import wire
+from fastapi_sse._cluster import LocalCluster
+from fastapi_sse._counters import Counters
+from fastapi_sse._names import ALL_CHANNEL, GAP_EVENT, is_internal
+from fastapi_sse._registry import Registry, readable
+from fastapi_sse._replays import SharedReplays
+from fastapi_sse._writer import Outlet, Writer
+from fastapi_sse.backends.base import Backend
+from fastapi_sse.client import DisconnectReason, Frame, SSEClient
+from fastapi_sse.settings import SSESettings
+
+logger = logging.getLogger("fastapi_sse")
+
+
+class Streams:
+    """The running streams of one service, and what their responses need from it."""
+
+    def __init__(
+        self,
+        settings: SSESettings,
+        backend: Backend,
+        registry: Registry,
+        cluster: LocalCluster,
+        counters: Counters,
+        writer: Writer,
+    ) -> None:
+        self.settings = settings
+        self.backend = backend
+        # A shared backend's history is read once for the streams that resume together.
+        self.replays: Backend | SharedReplays = SharedReplays(backend) if backend.remote else backend
+        self.registry = registry
+        self.cluster = cluster
+        self.counters = counters
+        self.writer = writer
+        # Streams that started and have not ended yet, for the service's stop to wait on.
+        self.running: dict[str, SSEClient] = {}
+        self._ended = asyncio.Event()
+        self._ended.set()
+
+    @property
+    def hard_refusals(self) -> bool:
+        return self.settings.hard_refusals
+
+    def retry_hint(self) -> bytes:
+        """A ``retry:`` frame with this stream's own delay: ``retry_interval`` spread by
+        ``retry_jitter``, so that streams ended together do not come back together."""
+        jitter = self.settings.retry_jitter
+        base = self.settings.retry_interval
+        return wire.retry_frame(base * (1 + jitter * (2 * random.random() - 1)) if jitter else base)
+
+    async def claim(self, client: SSEClient) -> None:
+        """Count the stream against its identity's limit across workers; raises
+        :class:`LimitExceededError` when it is refused."""
+        await self.cluster.claim(client)
+
+    def attach(self, client: SSEClient) -> Outlet | None:
+        """Mark a client's stream as started; None when it was closed before."""
+        if client.closed:
+            return None
+        client.attached = True
+        outlet = client.outlet = Outlet(client, self.writer)
+        self.running[client.id] = client
+        self._ended.clear()
+        return outlet
+
+    def detach(self, client: SSEClient, reason: str) -> None:
+        """A stream ended (for whatever reason): make sure the client is gone."""
+        self.registry.close(client, reason, discard=True)
+        if self.running.pop(client.id, None) is not None and not self.running:
+            self._ended.set()
+
+    def disconnected(self, client: SSEClient) -> None:
+        """The browser went away."""
+        self.registry.close(client, DisconnectReason.CLIENT_CLOSED, discard=True)
+
+    def release_unstarted(self, client: SSEClient) -> None:
+        """Release a client whose response will never run."""
+        if not client.attached:
+            self.detach(client, DisconnectReason.NEVER_STARTED)
+
+    def sent(self, events: int, size: int, created: float = 0.0) -> None:
+        """Count a write; ``created`` is its oldest event's arrival time, if known."""
+        counters = self.counters
+        counters.events_sent += events
+        counters.bytes_sent += size
+        if created:
+            counters.observe_latency(time.monotonic() - created)
+
+    async def wait_ended(self, grace: float) -> None:
+        """Wait up to ``grace`` seconds for every stream to end; then abandon the writes
+        of those still stuck on clients that stopped reading, and wait a little more."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace):
+                await self._ended.wait()
+        if self.running:
+            for client in list(self.running.values()):
+                client.mark_closed(DisconnectReason.SHUTDOWN, discard=True)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await self._ended.wait()
+
+    async def opening(self, client: SSEClient) -> list[bytes]:
+        """The first bytes of a stream; when the backend cannot answer in time, just the
+        retry hint, and the stream ends so that the browser comes back later."""
+        timeout = self.cluster.opening_timeout
+        if timeout is None:
+            return await self._opening(client)
+        try:
+            async with asyncio.timeout(timeout):
+                return await self._opening(client)
+        except Exception as exc:
+            self.counters.backend_errors += 1
+            logger.warning("cannot open stream %s: the backend does not answer (%s)", client.id, exc or "timed out")
+            self.registry.close(client, DisconnectReason.BACKEND_UNAVAILABLE, discard=True)
+            return [self.retry_hint()]
+
+    async def _opening(self, client: SSEClient) -> list[bytes]:
+        """The retry hint, then either the cursor or the replay of what the client
+        missed, merged in order with anything already queued for it."""
+        await self.cluster.synced()
+        chunks = [self.retry_hint()]
+        if client.last_event_id is None:
+            chunks.append(wire.cursor_frame(str(await self.backend.head())))
+            return chunks
+        self.counters.resumes += 1
+        channels = [*client.channels, ALL_CHANNEL]
+        # Only among what this client may read: resume is no oracle for other channels.
+        after = await self.backend.resolve(client.last_event_id, [ALL_CHANNEL, *readable(client)])
+        replay = await self.replays.replay(channels, after)
+        replayed = frozenset(channels) - replay.gaps
+        client.skip_replayed(replay.head, replayed)
+        frames = [Frame(m.seq, m.channel, wire.frame(m.id, m.payload)) for m in replay.messages]
+        queued = [f for f in client.take_frames() if not (f.seq <= replay.head and f.channel in replayed)]
+        merged = sorted(frames + queued, key=lambda f: f.seq)
+        last = 0
+        for frame in merged:
+            chunks.append(frame.data)
+            last = max(last, frame.seq)
+        self.counters.events_sent += len(merged)
+        if replay.gaps:
+            self.counters.resume_gaps += 1
+            chunks.append(_gap_frame(replay.head, replay.gaps, client.last_event_id))
+        elif last < replay.head:
+            chunks.append(wire.cursor_frame(str(replay.head)))
+        return chunks
+
+
+def _gap_frame(head: int, gaps: Collection[str], last_event_id: str) -> bytes:
+    """The ``gap`` event: which channels history no longer covers from the cursor."""
+    data = {
+        "channels": sorted(c for c in gaps if not is_internal(c)),
+        "all": ALL_CHANNEL in gaps,
+        "last_event_id": last_event_id,
+    }
+    return wire.frame(str(head), wire.frame_payload(GAP_EVENT.encode(), wire.encode_data(data)))
