@@ -12,6 +12,7 @@ from typing import Any
 
 from fastapi_sse import wire
 from fastapi_sse._counters import Counters
+from fastapi_sse.backends.base import Publication
 from fastapi_sse.client import SSEClient
 from fastapi_sse.errors import BadRequestError, InvalidChannelError, InvalidEventError, LimitExceededError
 from fastapi_sse.settings import SSESettings
@@ -62,6 +63,10 @@ class Admission:
         except ValueError as exc:
             raise BadRequestError(str(exc)) from None
         return last_event_id or None
+
+    def event(self, channel: str, event: str, data: Any, event_id: str | None) -> Publication:
+        """An event for a channel's history and subscribers, checked and encoded."""
+        return Publication(self.check_channel(channel), self.encode(event, data, event_id), event_id, True)
 
     def encode(self, event: str, data: Any, event_id: str | None) -> bytes:
         """An event's name and data as SSE lines (without its id), checked."""

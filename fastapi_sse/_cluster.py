@@ -21,8 +21,8 @@ from typing import Any
 from fastapi_sse._admission import Admission
 from fastapi_sse._counters import Counters
 from fastapi_sse._names import CLOSE, client_channel, identity_group, is_client_id
-from fastapi_sse._registry import Registry
-from fastapi_sse.backends.base import Backend, Coordination
+from fastapi_sse._registry import Registry, readable
+from fastapi_sse.backends.base import Backend, Coordination, NoCoordination, Publication
 from fastapi_sse.client import DisconnectReason, SSEClient
 from fastapi_sse.errors import BackendError, LimitExceededError
 from fastapi_sse.stats import ConnectionStats
@@ -77,6 +77,16 @@ class LocalCluster:
     def reachable(self, client_id: str) -> bool:
         """Whether an event for ``client_id`` can reach a client."""
         return self.registry.get(client_id) is not None
+
+    def to_client(self, client_id: str, payload: bytes, event_id: str | None) -> Publication | None:
+        """An event for one client, kept out of history; None when it cannot reach one.
+        Its id resolves, once that client resumes as a new one, through what it reads
+        now (a client of another worker is unknown here: its resume from the id is a gap)."""
+        if not self.reachable(client_id):
+            return None
+        client = self.registry.get(client_id)
+        index = readable(client) if client is not None and event_id is not None else ()
+        return Publication(client_channel(client_id), payload, event_id, False, index)
 
     async def totals(self) -> ConnectionStats:
         """The stats of every worker, added up."""
@@ -288,3 +298,28 @@ def _sum_stats(mine: ConnectionStats, others: list[ConnectionStats]) -> Connecti
     total.by_channel, total.disconnects, total.refused = dict(by_channel), dict(disconnects), dict(refused)
     total.workers = 1 + len(others)
     return total
+
+
+def make_cluster(
+    backend: Backend,
+    registry: Registry,
+    admission: Admission,
+    stats: Callable[[], ConnectionStats],
+    counters: Counters,
+    worker_id: str,
+    closing: Callable[[], bool],
+) -> LocalCluster:
+    """The cluster of a service: shared for a ``remote`` backend, else local."""
+    if not backend.remote:
+        return LocalCluster(registry, admission, stats)
+    coordination = backend.coordination or NoCoordination()
+    return SharedCluster(
+        registry,
+        admission,
+        stats,
+        backend=backend,
+        coordination=coordination,
+        counters=counters,
+        worker_id=worker_id,
+        closing=closing,
+    )

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import time
 from bisect import bisect_left
 from collections import Counter
 
-LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-"""Upper bounds (seconds) of the write latency histogram's buckets; one more bucket holds the rest."""
+from fastapi_sse.client import DisconnectReason, SSEClient
+from fastapi_sse.stats import LATENCY_BUCKETS, ConnectionStats
 
 
 class Counters:
@@ -44,7 +45,48 @@ class Counters:
         self.latency_buckets = [0] * (len(LATENCY_BUCKETS) + 1)
         self.latency_sum = 0.0
 
+    def sent(self, events: int, size: int, created: float = 0.0) -> None:
+        """Count a write; ``created`` is its oldest event's arrival time, if known."""
+        self.events_sent += events
+        self.bytes_sent += size
+        if created:
+            self.observe_latency(time.monotonic() - created)
+
     def observe_latency(self, seconds: float) -> None:
         """Count one publish-to-write latency sample."""
         self.latency_buckets[bisect_left(LATENCY_BUCKETS, seconds)] += 1
         self.latency_sum += seconds
+
+
+def snapshot(
+    counters: Counters,
+    *,
+    worker_id: str,
+    backend: str,
+    clients: list[SSEClient],
+    by_channel: dict[str, int],
+    pending: int,
+    streaming: int,
+) -> ConnectionStats:
+    """One worker's :class:`ConnectionStats` from its totals and its clients."""
+    return ConnectionStats(
+        scope="worker",
+        worker_id=worker_id,
+        backend=backend,
+        total_connections=len(clients),
+        by_channel=by_channel,
+        oldest_connection=min((c.created_at for c in clients), default=None),
+        connects=counters.connects,
+        disconnects=dict(counters.disconnects),
+        refused=dict(counters.refused),
+        events_published=counters.published,
+        events_sent=counters.events_sent,
+        bytes_sent=counters.bytes_sent,
+        events_dropped=counters.dropped,
+        slow_consumer_disconnects=counters.disconnects.get(DisconnectReason.SLOW_CONSUMER, 0),
+        resumes=counters.resumes,
+        resume_gaps=counters.resume_gaps,
+        publish_failures=counters.publish_failures,
+        pending_publishes=pending,
+        streaming=streaming,
+    )

@@ -16,13 +16,15 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable, Collection, Coroutine, Sequence
+from collections.abc import Callable, Collection, Coroutine, Sequence
 from typing import Any
 
 from fastapi_sse._counters import Counters
 from fastapi_sse._threads import LoopThread
+from fastapi_sse._writer import Writer
 from fastapi_sse.backends.base import Backend, Message, Publication
 from fastapi_sse.errors import BackendError, ServiceNotRunningError
+from fastapi_sse.settings import SSESettings
 
 logger = logging.getLogger("fastapi_sse")
 
@@ -55,24 +57,14 @@ def _size(publication: Publication) -> int:
 class Publisher:
     """Hands a service's events to its backend; see the module's docstring."""
 
-    def __init__(
-        self,
-        backend: Backend,
-        counters: Counters,
-        *,
-        outbox_bytes: int,
-        outbox_events: int | None = None,
-        turn_bytes: int,
-        writer_busy: Callable[[], bool] = lambda: False,
-        writer_settled: Callable[[], Awaitable[None]] = lambda: asyncio.sleep(0),
-    ) -> None:
+    def __init__(self, backend: Backend, counters: Counters, settings: SSESettings, writer: Writer) -> None:
         self._backend = backend
         self._counters = counters
-        self._outbox_limit = outbox_bytes
-        self._outbox_events_limit = outbox_events
-        self._turn_limit = turn_bytes
-        self._writer_busy = writer_busy
-        self._writer_settled = writer_settled
+        self._outbox_limit = settings.publish_buffer_bytes
+        self._outbox_events_limit = settings.publish_buffer_size
+        # A quarter of a client's buffer per loop turn: a burst never fills one at once.
+        self._turn_limit = settings.max_buffer_bytes // 4
+        self._writer = writer
         self._loop: asyncio.AbstractEventLoop | None = None
         self._threads = LoopThread()
         # Publishes waiting for the loop: from other threads, and (in-process backend)
@@ -119,12 +111,9 @@ class Publisher:
 
     # -- fire-and-forget ---------------------------------------------------------------
 
-    def publish_nowait(
-        self, channel: str, payload: bytes, event_id: str | None, *, store: bool, index: Collection[str] = ()
-    ) -> None:
-        """Publish without waiting, from any thread; ``index`` as in :meth:`Backend.publish`."""
+    def publish_nowait(self, publication: Publication) -> None:
+        """Publish without waiting, from any thread."""
         loop = self._running_loop()
-        publication = Publication(channel, payload, event_id, store, index)
         if not self._threads.on_loop():
             self._queued.append(publication)
             if not self._scheduled:
@@ -153,7 +142,7 @@ class Publisher:
         queue = self._queued
         if not self._backend.remote:
             # Let the writer write the previous batch first (for a few turns at most).
-            if self._writer_busy() and self._waited_turns < _WRITER_WAIT_TURNS:
+            if self._writer.busy and self._waited_turns < _WRITER_WAIT_TURNS:
                 self._waited_turns += 1
                 self._schedule()
                 return
@@ -276,7 +265,7 @@ class Publisher:
                 messages = []
                 for start in range(0, len(publications), _TURN_EVENTS):
                     if start:
-                        await self._writer_settled()
+                        await self._writer.settled()
                     messages += await self._backend.publish_many(publications[start : start + _TURN_EVENTS])
         except Exception as exc:
             self._counters.publish_failures += len(publications)

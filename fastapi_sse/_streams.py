@@ -12,18 +12,20 @@ import asyncio
 import contextlib
 import logging
 import random
-import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
+from datetime import UTC, datetime
 
 from fastapi_sse import wire
 from fastapi_sse._cluster import LocalCluster
 from fastapi_sse._counters import Counters
-from fastapi_sse._names import ALL_CHANNEL, GAP_EVENT, is_internal
+from fastapi_sse._names import ALL_CHANNEL, GAP_EVENT, is_internal, new_client_id
 from fastapi_sse._registry import Registry, readable
 from fastapi_sse._replays import SharedReplays
 from fastapi_sse._writer import Outlet, Writer
 from fastapi_sse.backends.base import Backend
 from fastapi_sse.client import DisconnectReason, Frame, SSEClient
+from fastapi_sse.errors import LimitExceededError
+from fastapi_sse.response import RefusedStream, SSEResponse
 from fastapi_sse.settings import SSESettings
 
 logger = logging.getLogger("fastapi_sse")
@@ -40,8 +42,13 @@ class Streams:
         cluster: LocalCluster,
         counters: Counters,
         writer: Writer,
+        *,
+        worker_id: str,
+        on_overflow: Callable[[SSEClient, int], None],
     ) -> None:
         self.settings = settings
+        self.worker_id = worker_id
+        self.on_overflow = on_overflow
         self.backend = backend
         # A shared backend's history is read once for the streams that resume together.
         self.replays: Backend | SharedReplays = SharedReplays(backend) if backend.remote else backend
@@ -53,6 +60,36 @@ class Streams:
         self.running: dict[str, SSEClient] = {}
         self._ended = asyncio.Event()
         self._ended.set()
+
+    def open(self, last_event_id: str | None, identity: str | None) -> tuple[SSEClient, SSEResponse]:
+        """A new client, registered, and the response that streams to it."""
+        client = self._new_client(last_event_id, identity)
+        self.registry.add(client)
+        self.counters.connects += 1
+        return client, SSEResponse(client, self)
+
+    def refuse(self, error: LimitExceededError) -> tuple[SSEClient, SSEResponse]:
+        """A stream refused for load, a limit or shutdown: one that says when to come
+        back (``retry:``) and ends, so that a browser's EventSource reconnects later;
+        with ``hard_refusals``, the HTTP error, raised."""
+        self.counters.refused[error.limit] += 1
+        if self.settings.hard_refusals:
+            raise error
+        client = self._new_client(None, None)
+        client.mark_closed(DisconnectReason.REFUSED, discard=True)
+        return client, RefusedStream(client, self, error)
+
+    def _new_client(self, last_event_id: str | None, identity: str | None) -> SSEClient:
+        client = SSEClient(
+            new_client_id(self.worker_id),
+            created_at=datetime.now(UTC),
+            last_event_id=last_event_id,
+            identity=identity,
+            buffer_limit=self.settings.max_buffer_bytes,
+            policy=self.settings.overflow_policy,
+        )
+        client.on_overflow = self.on_overflow
+        return client
 
     @property
     def hard_refusals(self) -> bool:
@@ -97,11 +134,7 @@ class Streams:
 
     def sent(self, events: int, size: int, created: float = 0.0) -> None:
         """Count a write; ``created`` is its oldest event's arrival time, if known."""
-        counters = self.counters
-        counters.events_sent += events
-        counters.bytes_sent += size
-        if created:
-            counters.observe_latency(time.monotonic() - created)
+        self.counters.sent(events, size, created)
 
     async def wait_ended(self, grace: float) -> None:
         """Wait up to ``grace`` seconds for every stream to end; then abandon the writes

@@ -21,8 +21,8 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
 
 from starlette.responses import Response
 
-from fastapi_sse._counters import LATENCY_BUCKETS
 from fastapi_sse.client import DisconnectReason
+from fastapi_sse.stats import LATENCY_BUCKETS
 
 if TYPE_CHECKING:
     from fastapi_sse.service import SSEService

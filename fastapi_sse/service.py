@@ -9,31 +9,30 @@ publishing in :mod:`fastapi_sse._publishing` and fan-out in
 
 from __future__ import annotations
 
-import asyncio
 import importlib
 import logging
-from collections.abc import Coroutine, Iterable
-from datetime import UTC, datetime
+from collections.abc import Iterable
 from typing import Any
 
 from fastapi_sse import middleware
 from fastapi_sse._admission import Admission
-from fastapi_sse._cluster import LocalCluster, SharedCluster
-from fastapi_sse._counters import Counters
+from fastapi_sse._cluster import make_cluster
+from fastapi_sse._counters import Counters, snapshot
 from fastapi_sse._delivery import Fanout
-from fastapi_sse._names import ALL_CHANNEL, GAP_EVENT, client_channel, is_internal, new_client_id, new_worker_id
+from fastapi_sse._names import ALL_CHANNEL, GAP_EVENT, is_internal, new_worker_id
 from fastapi_sse._publishing import Publisher
-from fastapi_sse._registry import Registry, readable
+from fastapi_sse._registry import Registry
 from fastapi_sse._signals import SignalHandlers, end_in_waves
 from fastapi_sse._streams import Streams
 from fastapi_sse._sweep import sweep
+from fastapi_sse._tasks import Tasks
 from fastapi_sse._threads import LoopThread, on_loop
 from fastapi_sse._writer import Writer
-from fastapi_sse.backends.base import Backend, NoCoordination, Publication
+from fastapi_sse.backends.base import Backend, Publication
 from fastapi_sse.backends.memory import MemoryBackend
 from fastapi_sse.client import DisconnectReason, SSEClient
-from fastapi_sse.errors import LimitExceededError, ServiceNotRunningError
-from fastapi_sse.response import RefusedStream, SSEResponse
+from fastapi_sse.errors import ServiceNotRunningError
+from fastapi_sse.response import SSEResponse
 from fastapi_sse.settings import SSESettings, load_settings
 from fastapi_sse.stats import ConnectionStats
 
@@ -70,37 +69,25 @@ class SSEService:
         self.worker_id = new_worker_id()
         self._threads = LoopThread()
         self._running = self._closing = False
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = Tasks()
         self._signals = SignalHandlers()
         self._counters = counters = Counters()
         self._admission = Admission(settings, counters)
-        self._registry = Registry(on_first=self._first, on_last=self._last, on_close=self._closed)
-        self._writer = writer = Writer(self._sent)
-        self._fanout = Fanout(self._registry, writer, counters, settings.overflow_policy)
-        self._cluster = (
-            LocalCluster(self._registry, self._admission, self.stats)
-            if not backend.remote
-            else SharedCluster(
-                self._registry,
-                self._admission,
-                self.stats,
-                backend=backend,
-                coordination=backend.coordination or NoCoordination(),
-                counters=counters,
-                worker_id=self.worker_id,
-                closing=lambda: self._closing,
-            )
+        self._registry = registry = Registry(
+            on_first=lambda channel: self._cluster.interest(channel, True),
+            on_last=lambda channel: self._cluster.interest(channel, False),
+            on_close=self._closed,
         )
-        self._streams = Streams(settings, backend, self._registry, self._cluster, counters, writer)
-        self._publisher = Publisher(
-            backend,
-            counters,
-            outbox_bytes=settings.publish_buffer_bytes,
-            outbox_events=settings.publish_buffer_size,
-            turn_bytes=settings.max_buffer_bytes // 4,
-            writer_busy=lambda: writer.busy,
-            writer_settled=writer.settled,
+        self._writer = writer = Writer(counters.sent)
+        self._fanout = Fanout(registry, writer, counters, settings.overflow_policy)
+        self._cluster = make_cluster(
+            backend, registry, self._admission, self.stats, counters, self.worker_id, lambda: self._closing
         )
+        self._streams = Streams(
+            settings, backend, registry, self._cluster, counters, writer,
+            worker_id=self.worker_id, on_overflow=self._fanout.overflow,
+        )  # fmt: skip
+        self._publisher = Publisher(backend, counters, settings, writer)
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -109,12 +96,12 @@ class SSEService:
         if self._running:
             return
         self._threads.bind()
-        self._publisher.start(self._threads, self._spawn)
+        self._publisher.start(self._threads, self._tasks.spawn)
         await self.backend.start(self._fanout)
         self._running, self._closing = True, False
-        self._spawn(sweep(self._registry, self.settings))
-        self._spawn(self._writer.run())
-        await self._cluster.start(self._spawn)
+        self._tasks.spawn(sweep(self._registry, self.settings))
+        self._tasks.spawn(self._writer.run())
+        await self._cluster.start(self._tasks.spawn)
 
     async def aclose(self, grace: float = 5.0) -> None:
         """End every stream, wait up to ``grace`` seconds for them, stop the backend."""
@@ -123,15 +110,7 @@ class SSEService:
         self.shutdown()
         await self._streams.wait_ended(grace)
         await self._publisher.flush(grace)
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            done, stuck = await asyncio.wait(list(self._tasks), timeout=grace)
-            for task in done:
-                if not task.cancelled():
-                    task.exception()  # retrieved: what failed was logged where it failed
-            if stuck:
-                logger.error("%d background task(s) did not stop at shutdown", len(stuck))
+        await self._tasks.stop(grace)
         await self._cluster.stop()
         await self.backend.close()
         self._running = False
@@ -169,7 +148,7 @@ class SSEService:
             return self.shutdown()
         self._closing = True
         end = lambda client: self._registry.close(client, DisconnectReason.SHUTDOWN, discard=False)  # noqa: E731
-        self._spawn(end_in_waves(list(self._registry), self.settings.drain_window, end))
+        self._tasks.spawn(end_in_waves(list(self._registry), self.settings.drain_window, end))
 
     def install_signal_handlers(self) -> None:
         """Start the drain (:meth:`drain`) as soon as SIGINT or SIGTERM arrives, then let
@@ -213,44 +192,10 @@ class SSEService:
         if refusal is None and identity is not None:
             refusal = self._cluster.admit(identity)
         if refusal is not None:
-            return self._refuse(refusal)
-        client = self._new_client(last_event_id, identity)
-        self._registry.add(client)
-        self._counters.connects += 1
+            return self._streams.refuse(refusal)
+        client, response = self._streams.open(last_event_id, identity)
         middleware.opened(client, self.remove_unstarted)
-        return client, SSEResponse(client, self._streams)
-
-    def _new_client(self, last_event_id: str | None, identity: str | None) -> SSEClient:
-        settings = self.settings
-        client = SSEClient(
-            new_client_id(self.worker_id),
-            created_at=datetime.now(UTC),
-            last_event_id=last_event_id,
-            identity=identity,
-            buffer_limit=settings.max_buffer_bytes,
-            policy=settings.overflow_policy,
-        )
-        client.on_overflow = self._fanout.overflow
-        return client
-
-    def _refuse(self, error: LimitExceededError) -> tuple[SSEClient, SSEResponse]:
-        """A stream that says when to come back (``retry:``) and ends, so that a
-        browser's EventSource reconnects later; with ``hard_refusals``, the HTTP error."""
-        self._counters.refused[error.limit] += 1
-        if self.settings.hard_refusals:
-            raise error
-        client = self._new_client(None, None)
-        client.mark_closed(DisconnectReason.REFUSED, discard=True)
-        return client, RefusedStream(client, self._streams, error)
-
-    def identity_refusal(self) -> LimitExceededError:
-        """The error for a stream past ``max_connections_per_identity`` (``refuse``)."""
-        return self._admission.identity_refusal()
-
-    def retry_hint(self) -> bytes:
-        """A ``retry:`` frame with this stream's own delay: ``retry_interval`` spread by
-        ``retry_jitter``, so that streams ended together do not come back together."""
-        return self._streams.retry_hint()
+        return client, response
 
     @_hop
     def remove_client(self, client_id: str) -> bool:
@@ -327,8 +272,7 @@ class SSEService:
 
     def broadcast(self, channel: str, event: str, data: Any, id: str | None = None) -> None:
         """Send an event to every subscriber of ``channel``, on every worker."""
-        self._admission.check_channel(channel)
-        self._publish_nowait(Publication(channel, self._admission.encode(event, data, id), id, True))
+        self._publish_nowait(self._admission.event(channel, event, data, id))
 
     def broadcast_all(self, event: str, data: Any, id: str | None = None) -> None:
         """Send an event to every connected client."""
@@ -340,7 +284,7 @@ class SSEService:
         With a shared backend a client of another worker counts: the event goes to
         the worker named in the client id, which drops it if the client is gone.
         """
-        publication = self._to_client(client_id, event, data, id)
+        publication = self._cluster.to_client(client_id, self._admission.encode(event, data, id), id)
         if publication is not None:
             self._publish_nowait(publication)
         return publication is not None
@@ -348,8 +292,7 @@ class SSEService:
     async def publish(self, channel: str, event: str, data: Any, id: str | None = None) -> str:
         """Like :meth:`broadcast`, but return the event's id once the backend has
         stored and announced it; raises :class:`BackendError` when it cannot."""
-        self._admission.check_channel(channel)
-        return await self._publish(Publication(channel, self._admission.encode(event, data, id), id, True))
+        return await self._publish(self._admission.event(channel, event, data, id))
 
     async def publish_many(self, events: Iterable[EventSpec]) -> list[str]:
         """Publish several events, in order, and return their ids once the backend has
@@ -361,11 +304,7 @@ class SSEService:
         before any is sent. Raises :class:`BackendError` when the backend cannot take
         them; then the first events of the batch may have been published.
         """
-        publications = []
-        for channel, event, data, *rest in events:
-            event_id = rest[0] if rest else None
-            self._admission.check_channel(channel)
-            publications.append(Publication(channel, self._admission.encode(event, data, event_id), event_id, True))
+        publications = [self._admission.event(c, e, d, rest[0] if rest else None) for c, e, d, *rest in events]
         self._require_running()
         return [message.id for message in await self._publisher.publish_many(publications)]
 
@@ -375,29 +314,12 @@ class SSEService:
 
     async def publish_to(self, client_id: str, event: str, data: Any, id: str | None = None) -> str | None:
         """Like :meth:`send_to`, awaited; returns the event's id, or None for an unknown client."""
-        publication = self._to_client(client_id, event, data, id)
+        publication = self._cluster.to_client(client_id, self._admission.encode(event, data, id), id)
         return None if publication is None else await self._publish(publication)
-
-    def _to_client(self, client_id: str, event: str, data: Any, event_id: str | None) -> Publication | None:
-        """An event for one client, kept out of history. Its id resolves, once that
-        client resumes as a new one, through what it reads now (a client of another
-        worker is unknown here: its resume from such an id is a gap)."""
-        payload = self._admission.encode(event, data, event_id)
-        if not self._cluster.reachable(client_id):
-            return None
-        client = self._registry.get(client_id)
-        index = readable(client) if client is not None and event_id is not None else ()
-        return Publication(client_channel(client_id), payload, event_id, False, index)
 
     def _publish_nowait(self, publication: Publication) -> None:
         self._require_running()
-        self._publisher.publish_nowait(
-            publication.channel,
-            publication.payload,
-            publication.event_id,
-            store=publication.store,
-            index=publication.index,
-        )
+        self._publisher.publish_nowait(publication)
 
     async def _publish(self, publication: Publication) -> str:
         self._require_running()
@@ -421,28 +343,14 @@ class SSEService:
     def stats(self) -> ConnectionStats:
         """Connection statistics of this process (the admin connections view, and more);
         :meth:`cluster_stats` adds up every worker sharing the backend."""
-        clients = list(self._registry)
-        by_channel = {c: len(m) for c, m in self._registry.channels.items() if not is_internal(c)}
-        counters = self._counters
-        return ConnectionStats(
-            scope="worker",
+        registry = self._registry
+        return snapshot(
+            self._counters,
             worker_id=self.worker_id,
             backend=self.settings.backend,
-            total_connections=len(clients),
-            by_channel=by_channel,
-            oldest_connection=min((c.created_at for c in clients), default=None),
-            connects=counters.connects,
-            disconnects=dict(counters.disconnects),
-            refused=dict(counters.refused),
-            events_published=counters.published,
-            events_sent=counters.events_sent,
-            bytes_sent=counters.bytes_sent,
-            events_dropped=counters.dropped,
-            slow_consumer_disconnects=counters.disconnects.get(DisconnectReason.SLOW_CONSUMER, 0),
-            resumes=counters.resumes,
-            resume_gaps=counters.resume_gaps,
-            publish_failures=counters.publish_failures,
-            pending_publishes=self._publisher.pending,
+            clients=list(registry),
+            by_channel={c: len(m) for c, m in registry.channels.items() if not is_internal(c)},
+            pending=self._publisher.pending,
             streaming=len(self._streams.running),
         )
 
@@ -458,23 +366,9 @@ class SSEService:
 
     # -- what the parts tell the service ------------------------------------------------
 
-    def _first(self, channel: str) -> None:
-        self._cluster.interest(channel, True)
-
-    def _last(self, channel: str) -> None:
-        self._cluster.interest(channel, False)
-
     def _closed(self, client: SSEClient, reason: str) -> None:
         self._cluster.release(client)
         self._counters.disconnects[reason] += 1
-
-    def _sent(self, events: int, size: int, created: float) -> None:
-        self._streams.sent(events, size, created)
-
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
 
 def _make_backend(settings: SSESettings) -> Backend:

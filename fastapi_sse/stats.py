@@ -7,7 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from fastapi_sse._counters import LATENCY_BUCKETS as LATENCY_BUCKETS
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+"""Upper bounds (seconds) of the write latency histogram's buckets; one more bucket holds the rest."""
 
 
 class ConnectionStats(BaseModel):
