@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import Served, serve
+from helpers.servers import Served, serve
 from helpers.streams import open_stream, raw_stream, soft_refusal
 
 from docs.examples import (

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
-from conftest import RedisServer
+from helpers.redis import RedisServer
 
 from fastapi_sse.backends.base import Backend, Message, Publication
 from fastapi_sse.backends.memory import MemoryBackend

@@ -16,8 +16,9 @@ from types import ModuleType
 
 import httpx
 import pytest
-from conftest import ROOT, free_port, serve, wait_for_port
 from helpers.apps import router_app
+from helpers.paths import ROOT
+from helpers.servers import free_port, serve, wait_for_port
 from helpers.streams import open_stream
 
 import fastapi_sse

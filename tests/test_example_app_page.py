@@ -8,8 +8,8 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from conftest import Served, serve
 from helpers.apps import fast_settings
+from helpers.servers import Served, serve
 
 from example_app.main import MAX_BODY_BYTES, create_app
 

@@ -10,7 +10,8 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import ROOT, free_port, serve_process
+from helpers.paths import ROOT
+from helpers.servers import free_port, serve_process
 from playwright.sync_api import Browser, BrowserContext, Page, Playwright, expect, sync_playwright
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")

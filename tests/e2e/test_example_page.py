@@ -6,7 +6,9 @@ import os
 import uuid
 
 import pytest
-from conftest import ROOT, RedisServer, free_port
+from helpers.paths import ROOT
+from helpers.redis import RedisServer
+from helpers.servers import free_port
 from playwright.sync_api import Browser, Page, expect
 
 from .conftest import SCREENSHOTS, admin_post, log, serve_example, sign_in
