@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.peers import servers as peers  # noqa: E402
-from tests.conftest import free_port, start_redis, wait_for_port  # noqa: E402
+from tests.helpers.redis import start_redis  # noqa: E402
+from tests.helpers.servers import free_port, wait_for_port  # noqa: E402
 
 APPS = {
     "ours": "bench.apps.ours:app",

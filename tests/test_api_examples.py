@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import Served, serve
+from helpers.servers import Served, serve
 from helpers.streams import open_stream, raw_stream, soft_refusal
 
 from docs.examples import (
@@ -95,8 +95,8 @@ def test_client_side_page_and_its_stream(http: httpx.Client) -> None:
 
 @pytest.mark.browser
 def test_client_side_page_in_a_real_browser(http: httpx.Client) -> None:
-    # Imported here: the rest of this file runs without Playwright installed.
-    from playwright.sync_api import sync_playwright
+    # Imported here: without Playwright this test is skipped, the rest of this file still runs.
+    sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
 
     with serve(client_side.app) as served, sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-from conftest import RedisServer
+from helpers.redis import RedisServer
 from helpers.sinks import Inbox
 
 from fastapi_sse.backends.base import Backend, Publication

@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import ROOT
+from helpers.paths import ROOT
 
 from bench.peers import servers
 from bench.run import APPS as ALL_APPS

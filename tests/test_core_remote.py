@@ -11,9 +11,9 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import Served, serve
 from fastapi import FastAPI
 from helpers.apps import fast_settings
+from helpers.servers import Served, serve
 from helpers.streams import open_stream, soft_refusal, wait_until
 
 from fastapi_sse import (

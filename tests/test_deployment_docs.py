@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 
 import httpx
-from conftest import ROOT, serve
 from fastapi import FastAPI
 from fastapi.middleware.gzip import GZipMiddleware
+from helpers.paths import ROOT
+from helpers.servers import serve
 from helpers.streams import open_stream
 
 from fastapi_sse import SSEDep, allow_all, create_sse_router

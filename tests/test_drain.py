@@ -7,7 +7,7 @@ import asyncio
 import signal
 import time
 
-from conftest import serve_process
+from helpers.servers import serve_process
 
 STREAMS = 1000
 WINDOW = 1.0

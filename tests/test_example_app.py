@@ -10,8 +10,9 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import RedisServer, Served, serve, serve_process
 from helpers.apps import fast_settings
+from helpers.redis import RedisServer
+from helpers.servers import Served, serve, serve_process
 from helpers.streams import Stream, open_stream
 
 from example_app.main import create_app

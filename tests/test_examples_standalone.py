@@ -19,7 +19,9 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import ROOT, RedisServer, free_port, wait_for_port
+from helpers.paths import ROOT
+from helpers.redis import RedisServer
+from helpers.servers import free_port, wait_for_port
 from helpers.streams import Stream, open_stream
 
 EXAMPLES = ROOT / "docs" / "examples"

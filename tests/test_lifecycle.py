@@ -11,9 +11,9 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import serve
 from fastapi import FastAPI
 from helpers.apps import fast_settings, router_app, served
+from helpers.servers import serve
 from helpers.streams import open_stream, raw_request, raw_stream, wait_until
 
 from fastapi_sse import ALL_CHANNEL, SSEDep, SSEService, Text, allow_all, create_sse_router, get_sse_from_app

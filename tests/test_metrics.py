@@ -12,9 +12,10 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import serve, start_redis
 from fastapi import Depends, FastAPI, Header, HTTPException, Request
 from helpers.apps import fast_settings, router_app, served
+from helpers.redis import start_redis
+from helpers.servers import serve
 from helpers.streams import open_stream, raw_request, raw_stream, soft_refusal, wait_until
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families

@@ -17,10 +17,11 @@ from typing import Annotated, Any
 import httpx
 import pytest
 import redis
-from conftest import ROOT, RedisServer
 from fastapi import Depends, FastAPI, Header, HTTPException, Request, Security
 from fastapi.security import SecurityScopes
 from helpers.apps import fast_settings, router_app, served
+from helpers.paths import ROOT
+from helpers.redis import RedisServer
 from helpers.streams import open_stream, raw_request, soft_refusal, wait_until
 
 from fastapi_sse import (

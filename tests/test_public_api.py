@@ -24,7 +24,7 @@ INTERNAL = {
     # Public, imported as fastapi_sse.serving: a way to run the server, not the API.
     "fastapi_sse.serving": {"listening_socket", "serve"},
     # Public, but imported as fastapi_sse.testing: it needs the `testing` extra.
-    "fastapi_sse.testing": {"EventReader", "live_server", "open_event_stream"},
+    "fastapi_sse.testing": {"EventReader", "LiveServer", "live_server", "open_event_stream", "running_server"},
     "fastapi_sse.wire": {
         "PING",
         "RESERVED_EVENT_NAMES",

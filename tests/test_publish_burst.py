@@ -15,9 +15,10 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import RedisServer, Served
 from fastapi import FastAPI
 from helpers.apps import fast_settings, router_app, served
+from helpers.redis import RedisServer
+from helpers.servers import Served
 from helpers.streams import RawReader, dechunk, open_stream, parse, raw_request, wait_until
 from httpx_sse import aconnect_sse
 

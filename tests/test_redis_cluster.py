@@ -16,7 +16,9 @@ from typing import Any
 import httpx
 import pytest
 import redis
-from conftest import ROOT, RedisServer, free_port, serve_process
+from helpers.paths import ROOT
+from helpers.redis import RedisServer
+from helpers.servers import free_port, serve_process
 from helpers.streams import Stream, open_stream, soft_refusal, wait_until
 
 APP = "tests.apps.cluster:app"

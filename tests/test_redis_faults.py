@@ -14,8 +14,9 @@ from typing import Any
 
 import pytest
 import redis
-from conftest import RedisServer, serve_process, start_redis
 from helpers.apps import fast_settings
+from helpers.redis import RedisServer, start_redis
+from helpers.servers import serve_process
 from helpers.sinks import Inbox
 from helpers.streams import RawResponse, open_stream, raw_stream, wait_until
 from test_redis_cluster import APP, cluster_env, local, publish, read_until
@@ -124,7 +125,7 @@ def test_redis_that_lost_its_data_makes_clients_resume_with_a_gap() -> None:
 
 @pytest.mark.anyio
 async def test_start_fails_with_what_to_fix(redis_server: RedisServer) -> None:
-    from conftest import free_port
+    from helpers.servers import free_port
 
     async def start_error(url: str) -> str:
         sse = SSEService(SSESettings(backend="redis", redis_url=url, redis_timeout=2))

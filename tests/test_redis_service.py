@@ -10,9 +10,10 @@ from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import httpx
-from conftest import RedisServer, Served
 from fastapi import Request
 from helpers.apps import fast_settings, router_app, served
+from helpers.redis import RedisServer
+from helpers.servers import Served
 from helpers.streams import RawResponse, open_stream, raw_request, soft_refusal, wait_until
 from test_redis_faults import kill, private_redis, restart
 

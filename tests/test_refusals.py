@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 
 import httpx
-from conftest import free_port, serve_process
 from helpers.apps import fast_settings, router_app, served
 from helpers.eventsource import eventsource
+from helpers.servers import free_port, serve_process
 from helpers.streams import open_stream, wait_until
 
 CONNECTING, CLOSED = 0, 2

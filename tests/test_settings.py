@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 import pytest
-from conftest import ROOT, free_port
+from helpers.paths import ROOT
+from helpers.servers import free_port
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 

@@ -10,8 +10,8 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import serve_process
 from helpers.apps import fast_settings, router_app, served
+from helpers.servers import serve_process
 from helpers.streams import open_stream, raw_stream, soft_refusal, wait_until
 
 from fastapi_sse import SSEService

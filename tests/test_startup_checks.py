@@ -15,7 +15,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, RedisServer, free_port
+from helpers.paths import ROOT
+from helpers.redis import RedisServer
+from helpers.servers import free_port
 
 from fastapi_sse import SettingsError, SSESettings, load_settings
 from fastapi_sse.startup_checks import unknown_variables, worker_processes

@@ -4,14 +4,22 @@ from __future__ import annotations
 
 import os
 import uuid
+from typing import TYPE_CHECKING
 
 import pytest
-from conftest import ROOT, RedisServer, free_port
-from playwright.sync_api import Browser, Page, expect
+from helpers.browser import SCREENSHOTS, admin_post, log, serve_example, sign_in
+from helpers.paths import ROOT
+from helpers.redis import RedisServer
+from helpers.servers import free_port
 
-from .conftest import SCREENSHOTS, admin_post, log, serve_example, sign_in
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser, Page
 
 pytestmark = pytest.mark.browser
+
+# Every test here drives Chromium: without Playwright this module is skipped, the rest
+# of the suite still collects and runs.
+expect = pytest.importorskip("playwright.sync_api").expect
 
 README_SCREENSHOT = ROOT / "docs" / "img" / "example-page.png"
 HAS_REDIS_BACKEND = (ROOT / "fastapi_sse" / "backends" / "redis.py").exists()

@@ -6,10 +6,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from conftest import Served, serve
 from fastapi import FastAPI, Request
 
 from fastapi_sse import SSEDep, SSEService, SSESettings, allow_all, create_sse_router, get_sse_from_app, sse_lifespan
+
+from .servers import Served, serve
 
 
 def fast_settings(**overrides: Any) -> SSESettings:
