@@ -12,6 +12,7 @@ from typing import Any
 
 from fastapi_sse import wire
 from fastapi_sse._counters import Counters
+from fastapi_sse._names import ALL_CHANNEL
 from fastapi_sse.backends.base import Publication
 from fastapi_sse.client import SSEClient
 from fastapi_sse.errors import BadRequestError, InvalidChannelError, InvalidEventError, LimitExceededError
@@ -67,6 +68,10 @@ class Admission:
     def event(self, channel: str, event: str, data: Any, event_id: str | None) -> Publication:
         """An event for a channel's history and subscribers, checked and encoded."""
         return Publication(self.check_channel(channel), self.encode(event, data, event_id), event_id, True)
+
+    def to_all(self, event: str, data: Any, event_id: str | None) -> Publication:
+        """An event for every client, checked and encoded."""
+        return Publication(ALL_CHANNEL, self.encode(event, data, event_id), event_id, True)
 
     def encode(self, event: str, data: Any, event_id: str | None) -> bytes:
         """An event's name and data as SSE lines (without its id), checked."""

@@ -9,7 +9,6 @@ publishing in :mod:`fastapi_sse._publishing` and fan-out in
 
 from __future__ import annotations
 
-import importlib
 import logging
 from collections.abc import Iterable
 from typing import Any
@@ -28,8 +27,8 @@ from fastapi_sse._sweep import sweep
 from fastapi_sse._tasks import Tasks
 from fastapi_sse._threads import LoopThread, on_loop
 from fastapi_sse._writer import Writer
+from fastapi_sse.backends import backend_for
 from fastapi_sse.backends.base import Backend, Publication
-from fastapi_sse.backends.memory import MemoryBackend
 from fastapi_sse.client import DisconnectReason, SSEClient
 from fastapi_sse.errors import ServiceNotRunningError
 from fastapi_sse.response import SSEResponse
@@ -65,7 +64,7 @@ class SSEService:
 
     def __init__(self, settings: SSESettings | None = None, *, backend: Backend | None = None) -> None:
         self.settings = settings = settings if settings is not None else load_settings()
-        self.backend = backend = backend if backend is not None else _make_backend(settings)
+        self.backend = backend = backend if backend is not None else backend_for(settings)
         self.worker_id = new_worker_id()
         self._threads = LoopThread()
         self._running = self._closing = False
@@ -276,7 +275,7 @@ class SSEService:
 
     def broadcast_all(self, event: str, data: Any, id: str | None = None) -> None:
         """Send an event to every connected client."""
-        self._publish_nowait(Publication(ALL_CHANNEL, self._admission.encode(event, data, id), id, True))
+        self._publish_nowait(self._admission.to_all(event, data, id))
 
     def send_to(self, client_id: str, event: str, data: Any, id: str | None = None) -> bool:
         """Send an event to one client; False when there is no such client.
@@ -284,10 +283,10 @@ class SSEService:
         With a shared backend a client of another worker counts: the event goes to
         the worker named in the client id, which drops it if the client is gone.
         """
-        publication = self._cluster.to_client(client_id, self._admission.encode(event, data, id), id)
-        if publication is not None:
-            self._publish_nowait(publication)
-        return publication is not None
+        if (publication := self._cluster.to_client(client_id, self._admission.encode(event, data, id), id)) is None:
+            return False
+        self._publish_nowait(publication)
+        return True
 
     async def publish(self, channel: str, event: str, data: Any, id: str | None = None) -> str:
         """Like :meth:`broadcast`, but return the event's id once the backend has
@@ -310,7 +309,7 @@ class SSEService:
 
     async def publish_all(self, event: str, data: Any, id: str | None = None) -> str:
         """Like :meth:`broadcast_all`, awaited; returns the event's id."""
-        return await self._publish(Publication(ALL_CHANNEL, self._admission.encode(event, data, id), id, True))
+        return await self._publish(self._admission.to_all(event, data, id))
 
     async def publish_to(self, client_id: str, event: str, data: Any, id: str | None = None) -> str | None:
         """Like :meth:`send_to`, awaited; returns the event's id, or None for an unknown client."""
@@ -369,17 +368,6 @@ class SSEService:
     def _closed(self, client: SSEClient, reason: str) -> None:
         self._cluster.release(client)
         self._counters.disconnects[reason] += 1
-
-
-def _make_backend(settings: SSESettings) -> Backend:
-    if settings.backend == "memory":
-        return MemoryBackend(history_size=settings.history_size, history_ttl=settings.history_ttl)
-    if settings.backend == "redis":
-        # Imported here: redis-py is an optional extra.
-        redis_module = importlib.import_module("fastapi_sse.backends.redis")
-        backend: Backend = redis_module.RedisBackend.from_settings(settings)
-        return backend
-    raise ValueError(f"unknown backend {settings.backend!r}")  # pragma: no cover
 
 
 __all__ = ["ALL_CHANNEL", "GAP_EVENT", "SSEService"]

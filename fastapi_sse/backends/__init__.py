@@ -1,6 +1,27 @@
 """Backends carry events between processes and keep the history clients replay."""
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
 from fastapi_sse.backends.base import Backend, Coordination, Message, NoCoordination, Publication, Replay, Sink
 from fastapi_sse.backends.memory import MemoryBackend
+
+if TYPE_CHECKING:
+    from fastapi_sse.settings import SSESettings
+
+
+def backend_for(settings: SSESettings) -> Backend:
+    """The backend ``settings.backend`` names, configured by the settings."""
+    if settings.backend == "memory":
+        return MemoryBackend(history_size=settings.history_size, history_ttl=settings.history_ttl)
+    if settings.backend == "redis":
+        # Imported here: redis-py is an optional extra.
+        redis_module = importlib.import_module("fastapi_sse.backends.redis")
+        backend: Backend = redis_module.RedisBackend.from_settings(settings)
+        return backend
+    raise ValueError(f"unknown backend {settings.backend!r}")  # pragma: no cover
+
 
 __all__ = ["Backend", "Coordination", "MemoryBackend", "Message", "NoCoordination", "Publication", "Replay", "Sink"]
