@@ -16,11 +16,12 @@ from typing import Any
 
 import redis
 
+from fastapi_sse._wire import frame_payload
+
 # The backend's private parts on purpose: the floor must run exactly its script with
 # exactly its arguments.
 from fastapi_sse.backends.base import Publication
 from fastapi_sse.backends.redis import _PUBLISH, RedisBackend, _chunks
-from fastapi_sse.wire import frame_payload
 
 ROUND_TRIP = 5000
 """Events per round trip, as the outbox sends them."""

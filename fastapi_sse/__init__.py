@@ -1,5 +1,6 @@
 """Server-Sent Events for FastAPI: channels, broadcasting, replay and heartbeats."""
 
+from fastapi_sse._wire import Text
 from fastapi_sse.backends import (
     Backend,
     Coordination,
@@ -30,7 +31,6 @@ from fastapi_sse.service import ALL_CHANNEL, GAP_EVENT, SSEService
 from fastapi_sse.settings import SSESettings, load_settings
 from fastapi_sse.stats import ConnectionStats
 from fastapi_sse.tuning import tune_gc
-from fastapi_sse.wire import Text
 
 __all__ = [
     "ALL_CHANNEL",

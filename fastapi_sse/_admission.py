@@ -10,7 +10,7 @@ import math
 import re
 from typing import Any
 
-from fastapi_sse import wire
+from fastapi_sse import _wire as wire
 from fastapi_sse._counters import Counters
 from fastapi_sse._names import ALL_CHANNEL
 from fastapi_sse.backends.base import Publication

@@ -6,7 +6,9 @@ import time
 from bisect import bisect_left
 from collections import Counter
 
-from fastapi_sse.client import DisconnectReason, SSEClient
+from fastapi_sse._names import is_internal
+from fastapi_sse._registry import Registry
+from fastapi_sse.client import DisconnectReason
 from fastapi_sse.stats import LATENCY_BUCKETS, ConnectionStats
 
 
@@ -60,21 +62,21 @@ class Counters:
 
 def snapshot(
     counters: Counters,
+    registry: Registry,
     *,
     worker_id: str,
     backend: str,
-    clients: list[SSEClient],
-    by_channel: dict[str, int],
     pending: int,
     streaming: int,
 ) -> ConnectionStats:
     """One worker's :class:`ConnectionStats` from its totals and its clients."""
+    clients = list(registry)
     return ConnectionStats(
         scope="worker",
         worker_id=worker_id,
         backend=backend,
         total_connections=len(clients),
-        by_channel=by_channel,
+        by_channel={c: len(m) for c, m in registry.channels.items() if not is_internal(c)},
         oldest_connection=min((c.created_at for c in clients), default=None),
         connects=counters.connects,
         disconnects=dict(counters.disconnects),

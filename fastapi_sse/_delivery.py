@@ -7,7 +7,7 @@ import logging
 import time
 from collections.abc import Collection
 
-from fastapi_sse import wire
+from fastapi_sse import _wire as wire
 from fastapi_sse._counters import Counters
 from fastapi_sse._names import CLIENT_CHANNEL_PREFIX, CLOSE
 from fastapi_sse._registry import Registry

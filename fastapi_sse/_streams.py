@@ -15,7 +15,7 @@ import random
 from collections.abc import Callable, Collection
 from datetime import UTC, datetime
 
-from fastapi_sse import wire
+from fastapi_sse import _wire as wire
 from fastapi_sse._cluster import LocalCluster
 from fastapi_sse._counters import Counters
 from fastapi_sse._names import ALL_CHANNEL, GAP_EVENT, is_internal, new_client_id

@@ -12,7 +12,7 @@ import asyncio
 import logging
 from datetime import UTC, datetime
 
-from fastapi_sse import wire
+from fastapi_sse import _wire as wire
 from fastapi_sse._registry import Registry
 from fastapi_sse.client import DisconnectReason, Frame
 from fastapi_sse.settings import SSESettings

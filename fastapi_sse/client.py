@@ -224,3 +224,6 @@ class SSEClient:
         self._buffered = 0
         if self.outlet is not None:
             self.outlet.abandon()
+
+
+__all__ = ["DisconnectReason", "SSEClient"]

@@ -113,3 +113,6 @@ def get_sse_from_app(app: FastAPI) -> SSEService:
 
 SSEDep = Annotated[SSEService, Depends(get_sse)]
 """Annotate a handler parameter with this to receive the service: ``sse: SSEDep``."""
+
+
+__all__ = ["SSEDep", "get_sse", "get_sse_from_app", "sse_lifespan"]

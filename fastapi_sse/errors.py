@@ -55,3 +55,15 @@ class BadRequestError(SSEError, HTTPException, ValueError):
 
 class InvalidChannelError(BadRequestError):
     """A channel name is empty, too long or has characters outside the allowed pattern."""
+
+
+__all__ = [
+    "BackendError",
+    "BadRequestError",
+    "InvalidChannelError",
+    "InvalidEventError",
+    "LimitExceededError",
+    "SSEError",
+    "ServiceNotRunningError",
+    "SettingsError",
+]

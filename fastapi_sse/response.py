@@ -257,3 +257,6 @@ class RefusedStream(SSEResponse):
             await send({"type": "http.response.body", "body": body, "more_body": False})
         else:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+__all__ = ["RefusedStream", "SSEResponse"]

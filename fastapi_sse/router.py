@@ -188,3 +188,6 @@ def create_sse_router(
             return metrics_response(sse)
 
     return router
+
+
+__all__ = ["allow_all", "create_sse_router"]

@@ -1,11 +1,6 @@
-"""The SSE service: the API an app uses, over the parts that do the work.
-
-Clients and channels live in :mod:`fastapi_sse._registry`, the checks and limits in
-:mod:`fastapi_sse._admission`, the workers sharing a backend in
-:mod:`fastapi_sse._cluster`, running streams in :mod:`fastapi_sse._streams`,
-publishing in :mod:`fastapi_sse._publishing` and fan-out in
-:mod:`fastapi_sse._delivery`. Each method here says what it does and hands over.
-"""
+"""The SSE service: the API an app uses, a facade over the parts that do the work
+(``_registry``, ``_admission``, ``_cluster``, ``_streams``, ``_publishing``,
+``_delivery``; ARCHITECTURE.md draws them). Each method hands over to one part."""
 
 from __future__ import annotations
 
@@ -18,7 +13,7 @@ from fastapi_sse._admission import Admission
 from fastapi_sse._cluster import make_cluster
 from fastapi_sse._counters import Counters, snapshot
 from fastapi_sse._delivery import Fanout
-from fastapi_sse._names import ALL_CHANNEL, GAP_EVENT, is_internal, new_worker_id
+from fastapi_sse._names import ALL_CHANNEL, GAP_EVENT, new_worker_id
 from fastapi_sse._publishing import Publisher
 from fastapi_sse._registry import Registry
 from fastapi_sse._signals import SignalHandlers, end_in_waves
@@ -342,13 +337,11 @@ class SSEService:
     def stats(self) -> ConnectionStats:
         """Connection statistics of this process (the admin connections view, and more);
         :meth:`cluster_stats` adds up every worker sharing the backend."""
-        registry = self._registry
         return snapshot(
             self._counters,
+            self._registry,
             worker_id=self.worker_id,
             backend=self.settings.backend,
-            clients=list(registry),
-            by_channel={c: len(m) for c, m in registry.channels.items() if not is_internal(c)},
             pending=self._publisher.pending,
             streaming=len(self._streams.running),
         )

@@ -294,3 +294,6 @@ def load_settings(**overrides: Any) -> SSESettings:
             got = error.get("input")
             problems.append(f"{env}: {error['msg']} (got {got!r})")
         raise SettingsError("invalid SSE settings: " + "; ".join(problems)) from None
+
+
+__all__ = ["SSESettings", "load_settings"]

@@ -42,3 +42,6 @@ class ConnectionStats(BaseModel):
         0, description="Responses still writing: a closed stream ends once it has written what it holds."
     )
     workers: int = Field(default=1, description="Workers counted (live workers sharing the backend for `cluster`).")
+
+
+__all__ = ["ConnectionStats"]

@@ -27,8 +27,8 @@ from fastapi_sse import (
     allow_all,
     create_sse_router,
 )
+from fastapi_sse._wire import frame_payload
 from fastapi_sse.backends.base import Coordination, Sink
-from fastapi_sse.wire import frame_payload
 
 
 class Hub:

@@ -8,36 +8,11 @@ from types import ModuleType
 
 import fastapi_sse
 
-# Modules whose public names are their own business (optional extras, internals).
-OWN_NAMESPACE = {"fastapi_sse.metrics", "fastapi_sse.backends.redis"}
-# Public-looking names of public modules that are implementation details (modules
-# named with a leading underscore are internal whole, and not listed).
-INTERNAL = {
-    "fastapi_sse.client": {"Frame", "Outlet"},
-    "fastapi_sse.response": {"StreamHost"},
-    "fastapi_sse.router": {"Authorize", "DefaultChannels", "Identify", "MaybeAwaitable", "OnConnect", "T"},
-    "fastapi_sse.service": {"EventSpec", "logger"},
-    "fastapi_sse.settings": {"BackendName", "ENV_PREFIX", "IdentityLimitPolicy", "OverflowPolicy"},
-    "fastapi_sse.stats": {"LATENCY_BUCKETS"},
-    "fastapi_sse.dependencies": {"STATE_KEY"},
-    "fastapi_sse.middleware": {"SCOPE_KEY", "Slot", "claim"},
-    # Public, imported as fastapi_sse.serving: a way to run the server, not the API.
-    "fastapi_sse.serving": {"listening_socket", "serve"},
-    # Public, but imported as fastapi_sse.testing: it needs the `testing` extra.
-    "fastapi_sse.testing": {"EventReader", "LiveServer", "live_server", "open_event_stream", "running_server"},
-    "fastapi_sse.wire": {
-        "PING",
-        "RESERVED_EVENT_NAMES",
-        "check_event_id",
-        "check_event_name",
-        "check_last_event_id",
-        "cursor_frame",
-        "encode_data",
-        "frame",
-        "frame_payload",
-        "retry_frame",
-    },
-}
+# Modules whose public names are their own business: optional extras, and helpers
+# imported by their module's name (a way to run the server, the testing helpers).
+OWN_NAMESPACE = {"fastapi_sse.metrics", "fastapi_sse.backends.redis", "fastapi_sse.serving", "fastapi_sse.testing"}
+# Modules named with a leading underscore are internal whole; every other module
+# declares its public names in __all__, and each of them is exported.
 
 
 def package_modules() -> list[ModuleType]:
@@ -47,20 +22,6 @@ def package_modules() -> list[ModuleType]:
             continue
         modules.append(importlib.import_module(info.name))
     return modules
-
-
-def defined_public_names(module: ModuleType) -> set[str]:
-    """Names a module defines itself (not imports) that do not start with an underscore."""
-    names = set()
-    for name, value in vars(module).items():
-        if name.startswith("_"):
-            continue
-        if isinstance(value, type) or callable(value):
-            if getattr(value, "__module__", None) == module.__name__:
-                names.add(name)
-        elif name.isupper() and isinstance(value, str | int | float | bytes | frozenset | tuple):
-            names.add(name)
-    return names - {"annotations", "TYPE_CHECKING"}
 
 
 def isort_style(name: str) -> tuple[int, str]:
@@ -82,17 +43,18 @@ def test_every_public_name_is_exported() -> None:
     exported = set(fastapi_sse.__all__)
     missing = {}
     for module in package_modules():
-        # A module's own __all__ is its public surface; otherwise its public-looking names.
-        public = set(getattr(module, "__all__", defined_public_names(module)))
-        lost = public - exported - INTERNAL.get(module.__name__, set())
+        # A module's own __all__ is its public surface, and names all it defines.
+        assert hasattr(module, "__all__"), f"{module.__name__} has no __all__"
+        public = set(module.__all__)
+        lost = public - exported
         if lost:
             missing[module.__name__] = sorted(lost)
     assert not missing, f"public names not in fastapi_sse.__all__: {missing}"
 
 
 def test_exported_objects_are_the_modules_own() -> None:
+    from fastapi_sse._wire import Text
     from fastapi_sse.service import SSEService
-    from fastapi_sse.wire import Text
 
     assert fastapi_sse.SSEService is SSEService
     assert fastapi_sse.Text is Text

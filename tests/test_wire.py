@@ -16,7 +16,7 @@ from helpers.streams import open_stream, parse, raw_stream
 from pydantic import BaseModel
 
 from fastapi_sse import InvalidEventError, Text
-from fastapi_sse.wire import (
+from fastapi_sse._wire import (
     check_event_id,
     check_event_name,
     check_last_event_id,

@@ -233,3 +233,6 @@ class NoCoordination(Coordination):
 
     async def reclaim(self, groups: dict[str, list[str]]) -> None:
         return None
+
+
+__all__ = ["Backend", "Coordination", "Message", "NoCoordination", "Publication", "Replay", "Sink"]

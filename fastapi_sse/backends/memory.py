@@ -219,3 +219,6 @@ class MemoryBackend(Backend):
         history.trimmed_upto = message.seq
         if message.id != str(message.seq):
             self._unindex((message.channel, message.id))
+
+
+__all__ = ["MemoryBackend"]
