@@ -31,9 +31,9 @@ from redis.exceptions import AuthenticationError, NoPermissionError, RedisError,
 from redis.retry import Retry as BlockingRetry
 
 from fastapi_sse._names import CLIENT_CHANNEL_PREFIX
+from fastapi_sse.backends._redis_coordination import RedisCoordination
 from fastapi_sse.backends._redis_keys import Keys
 from fastapi_sse.backends._redis_scripts import (
-    CLAIM,
     INIT,
     PUBLISH,
     REPLAY,
@@ -46,7 +46,7 @@ from fastapi_sse.backends._redis_scripts import (
     send,
     token_of,
 )
-from fastapi_sse.backends.base import Backend, Coordination, Message, Publication, Replay, Sink
+from fastapi_sse.backends.base import Backend, Message, Publication, Replay, Sink
 from fastapi_sse.errors import BackendError
 
 if TYPE_CHECKING:
@@ -84,7 +84,7 @@ def _redact(url: str) -> str:
     return urlunsplit((parts.scheme, user + host, parts.path, parts.query, parts.fragment))
 
 
-class RedisBackend(Backend, Coordination):
+class RedisBackend(Backend):
     """Channels, ids and history shared by every worker connected to one Redis.
 
     Build it with :meth:`from_settings` (``SSE_BACKEND=redis`` does it for you).
@@ -119,7 +119,6 @@ class RedisBackend(Backend, Coordination):
         self._redis: aioredis.Redis | None = None
         self._subscriber: aioredis.Redis | Any = None
         self._sink: Sink | None = None
-        self.coordination = self
         self._routes: dict[str, int] = {}  # Redis channel -> listened channels routed to it
         self._listened: dict[str, int] = {}  # channel -> seq it has been live since
         self._waiting: dict[str, list[asyncio.Future[None]]] = {}
@@ -138,6 +137,8 @@ class RedisBackend(Backend, Coordination):
         self._acknowledged: list[str] = []
         self._blocking: redis.Redis | Any = None
         self._keys = Keys(key_prefix)
+        self._coordination = RedisCoordination(self._keys, _redact(url))
+        self.coordination = self._coordination
         self._calls = PublishCalls(
             self._keys,
             history_size=history_size,
@@ -149,7 +150,7 @@ class RedisBackend(Backend, Coordination):
         self._k_seq, self._k_last, self._k_live = k + "seq", k + "last", k + "live"
         self._k_trim, self._k_floor, self._k_dead = k + "trim", k + "floor", k + "dead"
         self._k_ids, self._k_id_times = k + "ids", k + "idtimes"
-        self._k_workers, self._k_sys = k + "workers", k + "sys"
+        self._k_sys = k + "sys"
 
     @classmethod
     def from_settings(cls, settings: SSESettings) -> RedisBackend:
@@ -253,7 +254,7 @@ class RedisBackend(Backend, Coordination):
         self._token_prefix = uuid.uuid4().hex[:12] + ":"
         self._publish_script = client.register_script(PUBLISH)
         self._replay_script = client.register_script(REPLAY)
-        self._claim_script = client.register_script(CLAIM)
+        self._coordination.attach(client)
         self._sink = sink
         self._ready = asyncio.get_running_loop().create_future()
         self._reader = asyncio.get_running_loop().create_task(self._run())
@@ -275,6 +276,7 @@ class RedisBackend(Backend, Coordination):
             await self._subscriber.aclose()
             self._blocking.close()
             self._redis = None
+            self._coordination.detach()
         self._sink = None
 
     # -- subscriptions -----------------------------------------------------------------
@@ -435,82 +437,6 @@ class RedisBackend(Backend, Coordination):
         messages.sort(key=lambda m: m.seq)
         floor_of = dict(zip(names, map(int, floors), strict=True))
         return Replay(messages, int(head), frozenset(g.decode() for g in gaps), floor_of)
-
-    # -- presence and shared limits ---------------------------------------------------------
-
-    async def announce(self, worker_id: str, info: bytes, ttl: float) -> bool:
-        """Register a worker and its opaque ``info`` for ``ttl`` seconds; False when its
-        registration was gone (first call, expired, or Redis lost its data)."""
-        try:
-            async with self._client().pipeline(transaction=False) as pipe:
-                pipe.set(self.prefix + "wk:" + worker_id, info, px=max(1, round(ttl * 1000)), get=True)
-                pipe.sadd(self._k_workers, worker_id)
-                previous, _ = await pipe.execute()
-        except (RedisError, OSError) as exc:
-            raise BackendError(f"could not register worker on Redis at {_redact(self.url)}: {exc}") from exc
-        return previous is not None
-
-    async def withdraw(self, worker_id: str) -> None:
-        """Remove a worker's registration (at shutdown)."""
-        async with self._client().pipeline(transaction=False) as pipe:
-            pipe.delete(self.prefix + "wk:" + worker_id)
-            pipe.srem(self._k_workers, worker_id)
-            await pipe.execute()
-
-    async def peers(self) -> dict[str, bytes]:
-        """The ``info`` of every worker whose registration has not expired."""
-        client = self._client()
-        try:
-            members: set[bytes] = await client.smembers(self._k_workers)  # type: ignore[assignment]
-            workers = sorted(w.decode() for w in members)
-            infos: list[bytes | None] = (
-                await client.mget([self.prefix + "wk:" + w for w in workers]) if workers else []  # type: ignore[assignment]
-            )
-            dead = [w for w, info in zip(workers, infos, strict=True) if info is None]
-            if dead:
-                await client.srem(self._k_workers, *dead)
-        except (RedisError, OSError) as exc:
-            raise BackendError(f"could not read workers from Redis at {_redact(self.url)}: {exc}") from exc
-        return {w: info for w, info in zip(workers, infos, strict=True) if info is not None}
-
-    async def claim(self, group: str, member: str, limit: int, *, evict: bool) -> list[str] | None:
-        """Add ``member`` (``<worker_id>.<rest>``) to a group capped at ``limit`` across
-        every worker. When the group is full, remove and return its oldest members
-        if ``evict``, else refuse and return None. Members of workers whose
-        registration expired do not count."""
-        try:
-            result = await self._claim_script(
-                [self.prefix + "g:" + group], [member, limit, "1" if evict else "0", self.prefix + "wk:"]
-            )
-        except (RedisError, OSError) as exc:
-            raise BackendError(f"could not update a shared limit on Redis at {_redact(self.url)}: {exc}") from exc
-        if result is None:
-            return None
-        return [m.decode() for m in result]
-
-    async def release(self, group: str, member: str) -> None:
-        """Remove ``member`` from a group made by :meth:`claim`."""
-        try:
-            await self._client().zrem(self.prefix + "g:" + group, member)
-        except (RedisError, OSError) as exc:
-            raise BackendError(f"could not update a shared limit on Redis at {_redact(self.url)}: {exc}") from exc
-
-    async def reclaim(self, groups: dict[str, list[str]]) -> None:
-        """Put members back in their groups where Redis lost them (``ZADD NX``: members
-        still there keep their place), oldest first."""
-        if not groups:
-            return
-        try:
-            # Redis's clock, as the claim script uses: restored members stay older than newcomers.
-            seconds, micros = await self._client().time()
-            now = seconds * 1000 + micros // 1000
-            async with self._client().pipeline(transaction=False) as pipe:
-                for group, members in groups.items():
-                    start = now - len(members)
-                    pipe.zadd(self.prefix + "g:" + group, {m: start + i for i, m in enumerate(members)}, nx=True)
-                await pipe.execute()
-        except (RedisError, OSError) as exc:
-            raise BackendError(f"could not restore shared limits on Redis at {_redact(self.url)}: {exc}") from exc
 
     # -- the subscription connection --------------------------------------------------------
 
