@@ -21,24 +21,27 @@ import logging
 import uuid
 from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit, urlunsplit
 
 import redis
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import AuthenticationError, NoPermissionError, RedisError, ResponseError
-from redis.retry import Retry as BlockingRetry
+from redis.exceptions import RedisError
 
 from fastapi_sse._names import CLIENT_CHANNEL_PREFIX
+from fastapi_sse.backends._redis_connection import (
+    MIN_REDIS_VERSION,
+    check_server,
+    close_clients,
+    open_clients,
+    open_publishing_pool,
+    redact,
+)
 from fastapi_sse.backends._redis_coordination import RedisCoordination
 from fastapi_sse.backends._redis_keys import Keys
 from fastapi_sse.backends._redis_scripts import (
-    INIT,
     PUBLISH,
-    REPLAY,
     Call,
     PublishCalls,
+    Scripts,
     chunks,
     forget_tokens,
     parse_member,
@@ -54,9 +57,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("fastapi_sse.redis")
 
-MIN_REDIS_VERSION = (5, 0)
-"""Oldest Redis this backend runs on (``ZPOPMIN``, effect replication of scripts)."""
-
 _INLINE_EVENTS = 64
 """Batches up to this size are sent from the event loop; larger ones from a thread."""
 
@@ -70,18 +70,6 @@ _FORGET_MAX = 10_000
 # it reads these two names, RedisBackend._token_prefix and RedisBackend._script_call.
 _PUBLISH = PUBLISH
 _chunks = chunks
-
-
-def _redact(url: str) -> str:
-    """The URL without its password, for messages and logs."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    user = f"{parts.username}:***@" if parts.username else ":***@"
-    return urlunsplit((parts.scheme, user + host, parts.path, parts.query, parts.fragment))
 
 
 class RedisBackend(Backend):
@@ -136,8 +124,9 @@ class RedisBackend(Backend):
         self._token_prefix = ""
         self._acknowledged: list[str] = []
         self._blocking: redis.Redis | Any = None
+        self._scripts: Scripts | None = None
         self._keys = Keys(key_prefix)
-        self._coordination = RedisCoordination(self._keys, _redact(url))
+        self._coordination = RedisCoordination(self._keys, redact(url))
         self.coordination = self._coordination
         self._calls = PublishCalls(
             self._keys,
@@ -172,98 +161,27 @@ class RedisBackend(Backend):
     async def start(self, sink: Sink) -> None:
         """Check the server (reachable, credentials, scripting, version), then open the
         subscription connection. Raises :class:`BackendError` saying what to fix."""
-        where = _redact(self.url)
-        try:
-            # One retry: a pooled connection may be stale after Redis restarted. A
-            # burst of callers beyond the pool waits for a connection instead of failing.
-            client = aioredis.Redis.from_pool(
-                aioredis.BlockingConnectionPool.from_url(
-                    self.url,
-                    max_connections=self.max_connections,
-                    timeout=self.timeout,
-                    retry=Retry(NoBackoff(), 1),
-                    socket_timeout=self.timeout,
-                    socket_connect_timeout=self.timeout,
-                )
-            )
-            # The subscription connection has its own single-connection pool and no
-            # retries: a silent reconnect inside redis-py would skip the catch-up.
-            self._subscriber = aioredis.Redis.from_url(
-                self.url,
-                retry=Retry(NoBackoff(), 0),
-                socket_timeout=self.timeout,
-                socket_connect_timeout=self.timeout,
-                max_connections=1,
-            )
-        except ValueError as exc:
-            raise BackendError(f"SSE_REDIS_URL {where!r} is not a Redis URL: {exc}") from None
-        try:
-            await client.ping()
-            info = await client.info("server")
-            version = tuple(int(p) for p in str(info.get("redis_version", "0.0")).split(".")[:2])
-            if version < MIN_REDIS_VERSION:
-                raise BackendError(
-                    f"Redis at {where} is version {info.get('redis_version')}; the redis backend needs "
-                    f"{'.'.join(map(str, MIN_REDIS_VERSION))} or newer"
-                )
-            await client.eval("return 1", 0)
-            self._init_script = client.register_script(INIT)
-            self._last_seq = int(await self._init_script([self._k_seq, self._k_floor]))
-        except AuthenticationError as exc:
-            await client.aclose()
-            await self._subscriber.aclose()
-            raise BackendError(
-                f"Redis at {where} refused the credentials ({exc}): fix the user/password in SSE_REDIS_URL"
-            ) from None
-        except (NoPermissionError, ResponseError) as exc:
-            await client.aclose()
-            await self._subscriber.aclose()
-            if "auth" in str(exc).lower():
-                raise BackendError(
-                    f"Redis at {where} needs a password ({exc}): put it in SSE_REDIS_URL "
-                    "(redis://:password@host:port/0)"
-                ) from None
-            raise BackendError(
-                f"Redis at {where} does not allow what the backend needs ({exc}): it must allow "
-                "EVAL/EVALSHA, PUBLISH/SUBSCRIBE and the keys under SSE_REDIS_KEY_PREFIX"
-            ) from None
-        except BackendError:
-            await client.aclose()
-            await self._subscriber.aclose()
-            raise
-        except (RedisError, OSError) as exc:
-            await client.aclose()
-            await self._subscriber.aclose()
-            raise BackendError(
-                f"cannot reach Redis at {where} ({exc}): check SSE_REDIS_URL and that the server is running"
-            ) from None
-        self._redis = client
-        # Publishing runs in a thread on its own pool: waiting for Redis there does not
-        # wait for turns of an event loop busy delivering (and the GIL is free meanwhile).
-        self._blocking = redis.Redis.from_pool(
-            redis.BlockingConnectionPool.from_url(
-                self.url,
-                max_connections=self.max_connections,
-                timeout=self.timeout,
-                retry=BlockingRetry(NoBackoff(), 1),
-                socket_timeout=self.timeout,
-                socket_connect_timeout=self.timeout,
-            )
-        )
-        self._closing = False
+        client, subscriber = open_clients(self.url, max_connections=self.max_connections, timeout=self.timeout)
+        scripts = Scripts(client)
+        self._last_seq = await check_server(client, subscriber, scripts.init, self._keys, redact(self.url))
+        self._redis, self._subscriber, self._scripts = client, subscriber, scripts
+        self._blocking = open_publishing_pool(self.url, max_connections=self.max_connections, timeout=self.timeout)
         self._token_prefix = uuid.uuid4().hex[:12] + ":"
-        self._publish_script = client.register_script(PUBLISH)
-        self._replay_script = client.register_script(REPLAY)
         self._coordination.attach(client)
-        self._sink = sink
-        self._ready = asyncio.get_running_loop().create_future()
-        self._reader = asyncio.get_running_loop().create_task(self._run())
         try:
-            async with asyncio.timeout(self.timeout * 2):
-                await asyncio.shield(self._ready)
+            await self._start_listening(sink)
         except Exception:
             await self.close()
             raise
+
+    async def _start_listening(self, sink: Sink) -> None:
+        """Hold the subscription connection from now on; return once it is first live."""
+        self._closing = False
+        self._sink = sink
+        self._ready = asyncio.get_running_loop().create_future()
+        self._reader = asyncio.get_running_loop().create_task(self._run())
+        async with asyncio.timeout(self.timeout * 2):
+            await asyncio.shield(self._ready)
 
     async def close(self) -> None:
         self._closing = True
@@ -272,10 +190,9 @@ class RedisBackend(Backend):
             await asyncio.wait([self._reader], timeout=self.timeout)
             self._reader = None
         if self._redis is not None:
-            await self._redis.aclose()
-            await self._subscriber.aclose()
+            await close_clients(self._redis, self._subscriber)
             self._blocking.close()
-            self._redis = None
+            self._redis = self._scripts = None
             self._coordination.detach()
         self._sink = None
 
@@ -289,7 +206,7 @@ class RedisBackend(Backend):
         async with self._lock:
             pubsub = self._pubsub
             if pubsub is None:
-                raise BackendError(f"not connected to Redis at {_redact(self.url)}; reconnecting")
+                raise BackendError(f"not connected to Redis at {redact(self.url)}; reconnecting")
             new = [c for c in channels if c not in self._listened]
             for channel in new:
                 route = self._keys.route(channel)
@@ -305,7 +222,7 @@ class RedisBackend(Backend):
                     await pubsub.subscribe(*fresh)
             except (RedisError, OSError) as exc:
                 self._forget(new)
-                raise BackendError(f"could not subscribe on Redis at {_redact(self.url)}: {exc}") from exc
+                raise BackendError(f"could not subscribe on Redis at {redact(self.url)}: {exc}") from exc
         try:
             if waits:
                 async with asyncio.timeout(self.timeout):
@@ -352,6 +269,11 @@ class RedisBackend(Backend):
             raise BackendError("the redis backend is not started")
         return self._redis
 
+    def _started_scripts(self) -> Scripts:
+        if self._scripts is None:
+            raise BackendError("the redis backend is not started")
+        return self._scripts
+
     async def publish(
         self, channel: str, payload: bytes, event_id: str | None, *, store: bool, index: Collection[str] = ()
     ) -> Message:
@@ -361,7 +283,7 @@ class RedisBackend(Backend):
         """Store and announce a batch in one round trip: one script call per
         ``_SCRIPT_EVENTS`` events, pipelined. Sent again with the same publication keys
         (after a failure), the calls that already ran are not stored again."""
-        self._client()
+        scripts = self._started_scripts()
         if not publications:
             return []
         cut = chunks(publications)
@@ -371,15 +293,15 @@ class RedisBackend(Backend):
                 # A few events: one call from the loop costs less than a thread hop.
                 calls = [self._script_call(cut[0])]
                 forget_tokens(calls[0], forget)
-                firsts = [await self._publish_script(*calls[0])]
+                firsts = [await scripts.publish(*calls[0])]
             else:
                 # Built in the thread too: the event loop goes on with its streams.
-                calls, firsts = await asyncio.to_thread(self._build_and_send, cut, forget)
+                calls, firsts = await asyncio.to_thread(self._build_and_send, scripts.publish.sha, cut, forget)
         except (RedisError, OSError) as exc:
             # The token keys may not have been deleted: the next call deletes them.
             self._acknowledged = forget + self._acknowledged
             raise BackendError(
-                f"could not publish to channel {publications[0].channel!r} on Redis at {_redact(self.url)}: {exc}"
+                f"could not publish to channel {publications[0].channel!r} on Redis at {redact(self.url)}: {exc}"
             ) from exc
         if len(self._acknowledged) < _FORGET_MAX:
             self._acknowledged += [token_of(call) for call in calls]
@@ -391,12 +313,14 @@ class RedisBackend(Backend):
                 seq += 1
         return messages
 
-    def _build_and_send(self, cut: list[Sequence[Publication]], forget: list[str]) -> tuple[list[Call], list[Any]]:
+    def _build_and_send(
+        self, sha: str, cut: list[Sequence[Publication]], forget: list[str]
+    ) -> tuple[list[Call], list[Any]]:
         """In a thread: the script calls of a batch (the first also deletes the token
         keys ``forget``), and their first seqs once run in one round trip."""
         calls = [self._script_call(chunk) for chunk in cut]
         forget_tokens(calls[0], forget)
-        return calls, send(self._blocking, self._publish_script.sha, calls)
+        return calls, send(self._blocking, sha, calls)
 
     def _script_call(self, chunk: Sequence[Publication]) -> Call:
         """KEYS and ARGV of one call of the publish script (see ``lua/publish.lua``)."""
@@ -406,14 +330,14 @@ class RedisBackend(Backend):
         try:
             return int(await self._client().get(self._k_seq) or 0)
         except (RedisError, OSError) as exc:
-            raise BackendError(f"could not read from Redis at {_redact(self.url)}: {exc}") from exc
+            raise BackendError(f"could not read from Redis at {redact(self.url)}: {exc}") from exc
 
     async def resolve(self, event_id: str, channels: Collection[str]) -> int | None:
         fields = [c + "\n" + event_id for c in dict.fromkeys(channels)]
         try:
             values: list[bytes | None] = await self._client().hmget(self._k_ids, fields) if fields else []  # type: ignore[assignment]
         except (RedisError, OSError) as exc:
-            raise BackendError(f"could not read from Redis at {_redact(self.url)}: {exc}") from exc
+            raise BackendError(f"could not read from Redis at {redact(self.url)}: {exc}") from exc
         found = {v for v in values if v is not None}
         if found:
             # One message among the client's channels, else unknown (see Backend.resolve).
@@ -430,9 +354,10 @@ class RedisBackend(Backend):
         keys = [self._k_seq, self._k_last, self._k_live, self._k_trim, self._k_floor, self._k_dead]
         keys += [self.prefix + "h:" + c for c in names]
         try:
-            head, gaps, found, floors = await self._replay_script(keys, [after, round(self.history_ttl * 1000), *names])
+            script = self._started_scripts().replay
+            head, gaps, found, floors = await script(keys, [after, round(self.history_ttl * 1000), *names])
         except (RedisError, OSError) as exc:
-            raise BackendError(f"could not read history from Redis at {_redact(self.url)}: {exc}") from exc
+            raise BackendError(f"could not read history from Redis at {redact(self.url)}: {exc}") from exc
         messages = [parse_member(found[i].decode(), found[i + 1]) for i in range(0, len(found), 2)]
         messages.sort(key=lambda m: m.seq)
         floor_of = dict(zip(names, map(int, floors), strict=True))
@@ -453,7 +378,7 @@ class RedisBackend(Backend):
                     self._ready.set_result(None)
                 if not first:
                     self.reconnects += 1
-                    logger.warning("reconnected to Redis at %s", _redact(self.url))
+                    logger.warning("reconnected to Redis at %s", redact(self.url))
                 first = False
                 delay = 0.05
                 for message in pending:
@@ -467,11 +392,11 @@ class RedisBackend(Backend):
                     return
                 self.errors += 1
                 if first and self._ready is not None and not self._ready.done():
-                    self._ready.set_exception(BackendError(f"cannot subscribe on Redis at {_redact(self.url)}: {exc}"))
+                    self._ready.set_exception(BackendError(f"cannot subscribe on Redis at {redact(self.url)}: {exc}"))
                     return
                 logger.warning(
                     "lost the Redis subscription connection to %s (%s); reconnecting in %.2fs",
-                    _redact(self.url),
+                    redact(self.url),
                     exc,
                     delay,
                 )
@@ -492,7 +417,7 @@ class RedisBackend(Backend):
         from history what the listened channels missed. Returns live messages read
         meanwhile, to be handled after the catch-up."""
         async with self._lock:
-            await self._init_script([self._k_seq, self._k_floor])
+            await self._started_scripts().init([self._k_seq, self._k_floor])
             routes = [self._k_sys, *self._routes]
             await pubsub.subscribe(*routes)
             unconfirmed = {r.encode() for r in routes}
@@ -589,3 +514,6 @@ class RedisBackend(Backend):
         self._last_seq = message.seq
         if self._sink is not None:
             self._sink.deliver(message)
+
+
+__all__ = ["MIN_REDIS_VERSION", "RedisBackend"]
