@@ -42,7 +42,6 @@ from fastapi_sse.backends._redis_coordination import RedisCoordination
 from fastapi_sse.backends._redis_keys import Keys
 from fastapi_sse.backends._redis_listener import Listener
 from fastapi_sse.backends._redis_scripts import (
-    PUBLISH,
     Call,
     PublishCalls,
     Scripts,
@@ -63,11 +62,6 @@ _INLINE_EVENTS = 64
 
 _FORGET_MAX = 10_000
 """Token keys remembered for deletion; beyond, they expire on their own."""
-
-# bench/redis_floor.py runs the publish script with exactly the backend's arguments:
-# it reads these two names, RedisBackend._token_prefix and RedisBackend._script_call.
-_PUBLISH = PUBLISH
-_chunks = chunks
 
 
 class RedisBackend(Backend):
