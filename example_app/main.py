@@ -26,6 +26,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from example_app.events import events
 from example_app.store import Store
 from fastapi_sse import (
     InvalidEventError,
@@ -243,6 +244,7 @@ def create_app(
             identify=signed_in_user,
             on_connect=on_connect,
             admin_dependencies=[Depends(require_admin)],
+            events=events,  # validated on publish, in /docs and at /sse/asyncapi.json
         ),
         prefix="/sse",
     )

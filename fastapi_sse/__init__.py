@@ -31,6 +31,7 @@ from fastapi_sse.service import ALL_CHANNEL, GAP_EVENT, SSEService
 from fastapi_sse.settings import SSESettings, load_settings
 from fastapi_sse.stats import ConnectionStats
 from fastapi_sse.tuning import tune_gc
+from fastapi_sse.typed import EventType, EventTypes
 
 __all__ = [
     "ALL_CHANNEL",
@@ -43,6 +44,8 @@ __all__ = [
     "Coordination",
     "DefaultChannels",
     "DisconnectReason",
+    "EventType",
+    "EventTypes",
     "Identify",
     "InvalidChannelError",
     "InvalidEventError",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi_sse import _wire as wire
@@ -17,17 +18,23 @@ from fastapi_sse.backends.base import Publication
 from fastapi_sse.client import SSEClient
 from fastapi_sse.errors import BadRequestError, InvalidChannelError, InvalidEventError, LimitExceededError
 from fastapi_sse.settings import SSESettings
+from fastapi_sse.typed import EventType, EventTypes
+
+_NONE_DECLARED: dict[str, EventType] = {}
 
 
 class Admission:
     """The checks and limits of one service's settings."""
 
-    __slots__ = ("_channel_re", "counters", "settings")
+    __slots__ = ("_channel_re", "_declared", "counters", "events", "settings")
 
-    def __init__(self, settings: SSESettings, counters: Counters) -> None:
+    def __init__(self, settings: SSESettings, counters: Counters, events: EventTypes | None = None) -> None:
         self.settings = settings
         self.counters = counters
+        self.events = events
         self._channel_re = re.compile(settings.channel_pattern)
+        # A live read-only view: events declared after the service was built count too.
+        self._declared: Mapping[str, EventType] = events.types if events is not None else _NONE_DECLARED
 
     def check_channel(self, channel: str) -> str:
         """Raise :class:`InvalidChannelError` unless ``channel`` is a valid name."""
@@ -74,11 +81,15 @@ class Admission:
         return Publication(ALL_CHANNEL, self.encode(event, data, event_id), event_id, True)
 
     def encode(self, event: str, data: Any, event_id: str | None) -> bytes:
-        """An event's name and data as SSE lines (without its id), checked."""
+        """An event's name and data as SSE lines (without its id), checked; the data of
+        a declared event is validated against its model first. Every publishing method
+        passes here, in the caller's thread."""
         name = wire.check_event_name(event)
         if event_id is not None:
             wire.check_event_id(event_id, self.settings.max_last_event_id_length)
-        payload = wire.frame_payload(name, wire.encode_data(data))
+        declared = self._declared.get(event)
+        text = wire.encode_data(data) if declared is None else declared.encode(data)
+        payload = wire.frame_payload(name, text)
         if len(payload) > self.settings.max_event_bytes:
             raise InvalidEventError(
                 f"event {event!r} is {len(payload)} bytes encoded, more than max_event_bytes="

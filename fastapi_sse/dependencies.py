@@ -13,6 +13,7 @@ from fastapi_sse.errors import ServiceNotRunningError
 from fastapi_sse.service import SSEService
 from fastapi_sse.settings import SSESettings, load_settings
 from fastapi_sse.startup_checks import check_startup
+from fastapi_sse.typed import EventTypes, refuse_other_events
 
 STATE_KEY = "sse"
 
@@ -21,6 +22,7 @@ def sse_lifespan(
     settings: SSESettings | None = None,
     *,
     service: SSEService | None = None,
+    events: EventTypes | None = None,
 ) -> Callable[[Any], AbstractAsyncContextManager[dict[str, Any]]]:
     """A lifespan that starts an :class:`SSEService` and ends it at shutdown.
 
@@ -37,6 +39,9 @@ def sse_lifespan(
     (unless the app added it itself), which gives ``add_client`` the request's
     ``Last-Event-ID``, releases streams a handler opened and never returned, and runs
     open streams outside their route.
+
+    ``events`` (an :class:`EventTypes`) gives the service the typed events whose data
+    every publish validates; with both setups, both must name the same registry.
     """
 
     @asynccontextmanager
@@ -44,10 +49,14 @@ def sse_lifespan(
         state = getattr(app, "state", None)
         running = getattr(state, STATE_KEY, None) if state is not None else None
         if isinstance(running, SSEService) and running.running:
-            _check_same_service(running, settings, service)
+            _check_same_service(running, settings, service, events)
             yield {STATE_KEY: running}
             return
-        sse = service if service is not None else SSEService(settings if settings is not None else load_settings())
+        if service is not None:
+            _check_same_events(service, events)
+            sse = service
+        else:
+            sse = SSEService(settings if settings is not None else load_settings(), events=events)
         check_startup(sse, from_environment=service is None and settings is None)
         await sse.start()
         sse.install_signal_handlers()
@@ -66,14 +75,16 @@ def sse_lifespan(
     return lifespan
 
 
-def _check_same_service(running: SSEService, settings: SSESettings | None, service: SSEService | None) -> None:
+def _check_same_service(
+    running: SSEService, settings: SSESettings | None, service: SSEService | None, events: EventTypes | None
+) -> None:
     """A second SSE lifespan of one app may only mean the service already running."""
     if service is not None and service is not running:
         problem = "another SSEService was passed"
     elif settings is not None and settings != running.settings:
         problem = "it was given settings that differ from the running service's"
     else:
-        return
+        return _check_same_events(running, events)
     raise RuntimeError(
         "this app already runs an SSE service, and a second SSE lifespan would start another one "
         f"({problem}): events published through one would never reach the streams of the other. "
@@ -81,6 +92,17 @@ def _check_same_service(running: SSEService, settings: SSESettings | None, servi
         "app.include_router(create_sse_router(...)) with the settings there; or give both the same "
         "service (create_sse_router(service=sse), sse_lifespan(service=sse))"
     )
+
+
+def _check_same_events(running: SSEService, events: EventTypes | None) -> None:
+    """The router and the lifespan of one app (or a service and its lifespan) name one registry."""
+    if (problem := refuse_other_events(events, running.events)) is not None:
+        raise RuntimeError(
+            f"this app's SSE service and another SSE setup name different typed events ({problem}): "
+            "the events of one would not be validated by the service of the other. Give the router and "
+            "the lifespan the same registry (create_sse_router(events=events), sse_lifespan(events=events)), "
+            "or name it only in FastAPI(lifespan=sse_lifespan(events=events)), which starts the service"
+        )
 
 
 async def get_sse(request: Request) -> SSEService:

@@ -4,6 +4,7 @@ from collections.abc import Callable, Collection, Sequence
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response, params
+from fastapi.responses import JSONResponse
 
 from fastapi_sse import middleware
 from fastapi_sse.client import SSEClient
@@ -14,6 +15,7 @@ from fastapi_sse.response import SSEResponse
 from fastapi_sse.service import SSEService
 from fastapi_sse.settings import SSESettings
 from fastapi_sse.stats import ConnectionStats
+from fastapi_sse.typed import EventTypes
 
 _LAST_EVENT_ID_HEADER: dict[str, Any] = {
     "name": "Last-Event-ID",
@@ -42,6 +44,13 @@ _STREAM_DOC: dict[int | str, dict[str, Any]] = {
 }
 
 
+def _stream_doc(events: EventTypes | None) -> dict[int | str, dict[str, Any]]:
+    """The subscribe route's responses; with typed events, the 200 lists them."""
+    if events is None or not len(events):
+        return _STREAM_DOC
+    return {**_STREAM_DOC, **events.openapi_responses(description=_STREAM_DOC[200]["description"])}
+
+
 async def _no_value() -> None:
     return None
 
@@ -68,6 +77,9 @@ def create_sse_router(
     metrics_dependencies: Sequence[params.Depends] | None = None,
     metrics_path: str = "/metrics",
     service: SSEService | None = None,
+    events: EventTypes | None = None,
+    asyncapi_path: str | None = "/asyncapi.json",
+    asyncapi_dependencies: Sequence[params.Depends] | None = None,
 ) -> APIRouter:
     """A router with the subscribe endpoint and, when protected, the admin stats.
 
@@ -91,10 +103,17 @@ def create_sse_router(
     likewise exists only when ``metrics_dependencies`` is given; it needs the
     ``metrics`` extra (prometheus-client).
 
+    ``events`` (an :class:`EventTypes`) declares the typed events: every publish of
+    one is validated against its model, the subscribe route's OpenAPI response lists
+    them with their schemas, and ``GET {asyncapi_path}`` (route ``fastapi_sse:asyncapi``)
+    serves their AsyncAPI 3 document, titled with the app's title and version. Like
+    ``/openapi.json`` it is open by default; ``asyncapi_dependencies`` protect it, and
+    ``asyncapi_path=None`` leaves it out. Declare the events before building the router.
+
     The router carries the service's lifespan: ``app.include_router(router)`` is all
     it takes. Route names are namespaced (``fastapi_sse:subscribe``).
     """
-    router = APIRouter(lifespan=sse_lifespan(settings, service=service))
+    router = APIRouter(lifespan=sse_lifespan(settings, service=service, events=events))
     authorize_dep = dependency(authorize, legacy=("request", "channel"), provided={"channel": str})
     identify_dep = as_value_dependency(identify, legacy=("request",)) if identify else _no_value
     defaults_dep = as_value_dependency(default_channels, legacy=("request",)) if default_channels else _no_value
@@ -109,7 +128,7 @@ def create_sse_router(
         name="fastapi_sse:subscribe",
         operation_id="sse_subscribe",
         response_class=SSEResponse,
-        responses=_STREAM_DOC,
+        responses=_stream_doc(events),
         summary="Open an event stream",
         openapi_extra={"parameters": [_LAST_EVENT_ID_HEADER]},
     )
@@ -157,6 +176,29 @@ def create_sse_router(
             sse.remove_unstarted(client)
             raise
         return response
+
+    if events is not None and asyncapi_path is not None:
+        registry = events
+
+        @router.get(
+            asyncapi_path,
+            name="fastapi_sse:asyncapi",
+            operation_id="sse_asyncapi",
+            dependencies=list(asyncapi_dependencies or ()),
+            response_class=JSONResponse,
+            responses={200: {"description": "An AsyncAPI 3.0.0 document.", "content": {"application/json": {}}}},
+            summary="AsyncAPI document of the event stream",
+        )
+        async def asyncapi(request: Request) -> JSONResponse:
+            app = request.app
+            return JSONResponse(
+                registry.asyncapi(
+                    title=app.title,
+                    version=app.version,
+                    description=app.description or None,
+                    subscribe_path=app.url_path_for("fastapi_sse:subscribe"),
+                )
+            )
 
     if admin_dependencies is not None:
 

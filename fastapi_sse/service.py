@@ -29,6 +29,7 @@ from fastapi_sse.errors import ServiceNotRunningError
 from fastapi_sse.response import SSEResponse
 from fastapi_sse.settings import SSESettings, load_settings
 from fastapi_sse.stats import ConnectionStats
+from fastapi_sse.typed import EventTypes
 
 logger = logging.getLogger("fastapi_sse")
 
@@ -50,14 +51,16 @@ class SSEService:
     start it with ``async with`` (or let :func:`create_sse_router`'s lifespan do it),
     and reach it in handlers through ``Depends(get_sse)``.
 
-    Every publishing method (:meth:`broadcast`, :meth:`broadcast_all`,
-    :meth:`send_to`) works without ``await`` from async handlers, sync handlers,
-    background tasks and other threads; the data is validated and encoded in the
-    caller's thread, so a bad event raises right there. The ``publish*`` coroutines
-    do the same and return once the backend has accepted (and stored) the event.
+    Every publishing method (:meth:`broadcast`, :meth:`broadcast_all`, :meth:`send_to`) works without ``await``
+    from async handlers, sync handlers, background tasks and other threads; the data is validated and encoded in
+    the caller's thread, so a bad event raises right there (the data of an event declared in ``events`` is
+    validated against its model). The ``publish*`` coroutines do the same and return once the backend has
+    accepted (and stored) the event.
     """
 
-    def __init__(self, settings: SSESettings | None = None, *, backend: Backend | None = None) -> None:
+    def __init__(
+        self, settings: SSESettings | None = None, *, backend: Backend | None = None, events: EventTypes | None = None
+    ) -> None:
         self.settings = settings = settings if settings is not None else load_settings()
         self.backend = backend = backend if backend is not None else backend_for(settings)
         self.worker_id = new_worker_id()
@@ -66,7 +69,7 @@ class SSEService:
         self._tasks = Tasks()
         self._signals = SignalHandlers()
         self._counters = counters = Counters()
-        self._admission = Admission(settings, counters)
+        self._admission = Admission(settings, counters, events)
         self._registry = registry = Registry(
             on_first=lambda channel: self._cluster.interest(channel, True),
             on_last=lambda channel: self._cluster.interest(channel, False),
@@ -109,6 +112,11 @@ class SSEService:
         await self.backend.close()
         self._running = False
         self.restore_signal_handlers()
+
+    @property
+    def events(self) -> EventTypes | None:
+        """The typed events (:class:`EventTypes`) whose data every publish validates, or None."""
+        return self._admission.events
 
     @property
     def running(self) -> bool:
@@ -163,19 +171,16 @@ class SSEService:
         """Create a client and the response that streams to it; return the response
         from the handler.
 
-        The stream replays what the client missed on every channel it is subscribed to
-        before the response starts, from ``last_event_id``: by default the request's
-        own ``Last-Event-ID`` header (what EventSource sends on every reconnect), or
-        its ``last_event_id`` query parameter for a first connection. Pass ``""`` to
-        start fresh. ``identity`` (e.g. the user id) applies
-        ``max_connections_per_identity``, across every worker with a shared backend.
-        When load, a limit or shutdown refuses the stream, the client comes back
-        already closed (``close_reason == "refused"``) with a response that tells the
-        browser when to come back; return it as usual (with ``hard_refusals`` this
-        raises :class:`LimitExceededError`, an ``HTTPException``, instead). A malformed
-        ``last_event_id`` raises :class:`BadRequestError`. If the handler ends without
-        returning the response (it raised its own 400 or 403, or returned something
-        else), the client is released when the request ends.
+        The stream replays what the client missed on every channel it is subscribed to before the response
+        starts, from ``last_event_id``: by default the request's own ``Last-Event-ID`` header (what EventSource
+        sends on every reconnect), or its ``last_event_id`` query parameter for a first connection. Pass ``""``
+        to start fresh. ``identity`` (e.g. the user id) applies ``max_connections_per_identity``, across every
+        worker with a shared backend. When load, a limit or shutdown refuses the stream, the client comes back
+        already closed (``close_reason == "refused"``) with a response that tells the browser when to come back;
+        return it as usual (with ``hard_refusals`` this raises :class:`LimitExceededError`, an
+        ``HTTPException``, instead). A malformed ``last_event_id`` raises :class:`BadRequestError`. If the
+        handler ends without returning the response (it raised its own 400 or 403, or returned something else),
+        the client is released when the request ends.
         """
         self._require_running()
         if last_event_id is None:
@@ -322,16 +327,15 @@ class SSEService:
     def _require_running(self) -> None:
         if not self._running:
             raise ServiceNotRunningError(
-                "the SSE service is not running: include the router from create_sse_router(...) "
-                "in your app, use lifespan=sse_lifespan(), or start it with 'async with SSEService(...)'"
+                "the SSE service is not running: include the router from create_sse_router(...) in your app, "
+                "use lifespan=sse_lifespan(), or start it with 'async with SSEService(...)'"
             )
 
     # -- stats ----------------------------------------------------------------------
 
     @property
     def counters(self) -> Counters:
-        """The running totals behind :meth:`stats` and the metrics (read them, do not
-        change them)."""
+        """The running totals behind :meth:`stats` and the metrics (read them, do not change them)."""
         return self._counters
 
     def stats(self) -> ConnectionStats:

@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
+from helpers.documents import check_asyncapi, check_refs_resolve
 from helpers.servers import Served, serve
 from helpers.streams import open_stream, raw_stream, soft_refusal
 
@@ -28,6 +29,7 @@ from docs.examples import (
     notifications,
     progress,
     quick_start,
+    typed_events,
 )
 from fastapi_sse import SSEService
 
@@ -322,3 +324,28 @@ def test_configuration_sets_the_retry_hint_and_heartbeat() -> None:
     with serve(configuration.app) as served, open_stream(f"{served.url}/subscribe") as s:
         # retry_interval, spread by retry_jitter (20 % by default) for each stream.
         assert s.retry is not None and 2400 <= s.retry <= 3600
+
+
+def test_typed_events_are_validated_sent_as_json_and_documented(http: httpx.Client) -> None:
+    alice = as_user("alice")
+    with serve(typed_events.app) as served, open_stream(f"{served.url}/events", headers=alice) as s:
+        sse: SSEService = typed_events.app.state.sse
+        assert http.post(f"{served.url}/notify", headers=alice).status_code == 200
+        assert (s.next_event().event, s.frames[-1].data) == ("notification", '{"title":"Welcome","unread":1}')
+        before = sse.stats().events_published
+        bad = http.post(f"{served.url}/progress", json={"taskId": "t1", "percent": 101}, headers=alice)
+        assert bad.status_code == 422
+        assert bad.json()["detail"] == (
+            "event 'progress' data does not fit Progress: percent: Input should be less than or equal to 100"
+        )
+        assert sse.stats().events_published == before
+        assert http.post(f"{served.url}/progress", json={"taskId": "t1", "percent": "50"}, headers=alice).is_success
+        assert (s.next_event().event, s.frames[-1].data) == ("progress", '{"taskId":"t1","percent":50}')
+        openapi = http.get(f"{served.url}/openapi.json").json()
+        asyncapi = http.get(f"{served.url}/asyncapi.json").json()
+    check_refs_resolve(openapi)
+    items = openapi["paths"]["/events"]["get"]["responses"]["200"]["content"]["text/event-stream"]["itemSchema"]
+    assert [item["properties"]["event"].get("const") for item in items["anyOf"]] == ["notification", "progress", None]
+    assert {"Notification", "Progress"} <= set(openapi["components"]["schemas"])
+    check_asyncapi(asyncapi)
+    assert (asyncapi["info"]["title"], asyncapi["info"]["version"]) == ("Typed events", "1.0.0")

@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import pytest
 from helpers.apps import fast_settings
+from helpers.documents import check_asyncapi, check_refs_resolve
 from helpers.redis import RedisServer
 from helpers.servers import Served, serve, serve_process
 from helpers.streams import Stream, open_stream
@@ -253,6 +254,37 @@ def test_an_operator_publishes_any_event_and_announces_to_everyone(served: Serve
         http.post(f"{served.url}/admin/announce", json=announcement, headers=admin)
         for s in (a, b):
             assert data(s.until_event("announcement")[-1]) == announcement
+
+
+def test_its_typed_events_are_in_openapi_and_the_asyncapi_document(served: Served) -> None:
+    openapi = httpx.get(f"{served.url}/openapi.json").json()
+    check_refs_resolve(openapi)
+    content = openapi["paths"]["/sse/subscribe"]["get"]["responses"]["200"]["content"]["text/event-stream"]
+    listed = {item["properties"]["event"].get("const") for item in content["itemSchema"]["anyOf"]}
+    assert listed == {"notification", "unreadCount", "taskProgress", "taskComplete", None}
+    asyncapi = httpx.get(f"{served.url}/sse/asyncapi.json").json()
+    check_asyncapi(asyncapi)
+    assert asyncapi["info"]["title"] == "fastapi-sse-channels example"
+    assert "GET /sse/subscribe" in asyncapi["info"]["description"]
+    (channel,) = asyncapi["channels"].values()
+    assert channel["address"] == "user:{user_id}" and set(channel["parameters"]) == {"user_id"}
+
+
+def test_an_operator_publishing_a_typed_event_with_bad_data_gets_400(served: Served) -> None:
+    admin = {"Authorization": f"Bearer {TOKEN}"}
+    with stream(served, "alice") as a, httpx.Client(timeout=10) as http:
+        initial(a)
+        bad = http.post(
+            f"{served.url}/admin/publish",
+            json={"channel": "user:alice", "event": "unreadCount", "data": {"count": -1}},
+            headers=admin,
+        )
+        assert bad.status_code == 400
+        assert "'unreadCount'" in bad.json()["detail"] and "count:" in bad.json()["detail"]
+        good = {"channel": "user:alice", "event": "unreadCount", "data": {"count": 2}}
+        assert http.post(f"{served.url}/admin/publish", json=good, headers=admin).status_code == 200
+        # The refused event never reached the stream: the next unreadCount is the good one.
+        assert data(a.until_event("unreadCount")[-1]) == {"count": 2}
 
 
 def test_a_resume_past_the_history_gets_the_gap_event() -> None:

@@ -156,6 +156,7 @@ EXAMPLE_RUNS: dict[str, Example] = {
         ["hello", "message"],
         headers={"Authorization": "Bearer alice"},
     ),
+    "typed_events.py": Example("/events", post("/notify", headers=ALICE), ["notification"], headers=ALICE),
     "publishing.py": Example(
         "/subscribe?channel=orders",
         post("/test-publish"),

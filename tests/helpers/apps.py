@@ -8,7 +8,17 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 
-from fastapi_sse import SSEDep, SSEService, SSESettings, allow_all, create_sse_router, get_sse_from_app, sse_lifespan
+from fastapi_sse import (
+    EventTypes,
+    SSEDep,
+    SSEResponse,
+    SSEService,
+    SSESettings,
+    allow_all,
+    create_sse_router,
+    get_sse_from_app,
+    sse_lifespan,
+)
 
 from .servers import Served, serve
 
@@ -33,11 +43,15 @@ def router_app(settings: SSESettings | None = None, **router_kwargs: Any) -> Fas
     return app
 
 
-def own_route_app(settings: SSESettings | None = None) -> FastAPI:
-    """An endpoint of the app's own: ``add_client`` then ``subscribe`` inside the handler."""
-    app = FastAPI(lifespan=sse_lifespan(settings or fast_settings()))
+def own_route_app(settings: SSESettings | None = None, events: EventTypes | None = None) -> FastAPI:
+    """An endpoint of the app's own: ``add_client`` then ``subscribe`` inside the handler;
+    with ``events``, the service validates them and the route documents them."""
+    app = FastAPI(lifespan=sse_lifespan(settings or fast_settings(), events=events))
+    documented: dict[str, Any] = (
+        {"response_class": SSEResponse, "responses": events.openapi_responses()} if events else {}
+    )
 
-    @app.get("/events")
+    @app.get("/events", **documented)
     async def events(request: Request, sse: SSEDep, user: str, last_event_id: str | None = None) -> Any:
         client, response = sse.add_client(request.headers.get("last-event-id") or last_event_id)
         sse.subscribe(client.id, f"user:{user}")
