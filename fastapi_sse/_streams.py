@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from fastapi_sse import _wire as wire
 from fastapi_sse._cluster import LocalCluster
 from fastapi_sse._counters import Counters
-from fastapi_sse._names import ALL_CHANNEL, GAP_EVENT, is_internal, new_client_id
+from fastapi_sse._names import ALL_CHANNEL, GAP_EVENT, is_internal, is_run_end, new_client_id, run_channel
 from fastapi_sse._registry import Registry, readable
 from fastapi_sse._replays import SharedReplays
 from fastapi_sse._writer import Outlet, Writer
@@ -56,6 +56,8 @@ class Streams:
         self.cluster = cluster
         self.counters = counters
         self.writer = writer
+        # Clients that view a run: their run's channel, and the cursor they resume from.
+        self.run_viewers: dict[str, tuple[str, str | None, int]] = {}
         # Streams that started and have not ended yet, for the service's stop to wait on.
         self.running: dict[str, SSEClient] = {}
         self._ended = asyncio.Event()
@@ -117,8 +119,17 @@ class Streams:
         self._ended.clear()
         return outlet
 
+    def view_run(self, client: SSEClient, run_id: str, cursor: str | None, first: int) -> None:
+        """Make a new client a viewer of a run: it replays the run from ``cursor`` (from
+        its start, after sequence number ``first``, without one), then follows it to
+        its end."""
+        channel = run_channel(run_id)
+        self.registry.subscribe(client, channel)
+        self.run_viewers[client.id] = (channel, cursor, first)
+
     def detach(self, client: SSEClient, reason: str) -> None:
         """A stream ended (for whatever reason): make sure the client is gone."""
+        self.run_viewers.pop(client.id, None)
         self.registry.close(client, reason, discard=True)
         if self.running.pop(client.id, None) is not None and not self.running:
             self._ended.set()
@@ -168,6 +179,9 @@ class Streams:
         """The retry hint, then either the cursor or the replay of what the client
         missed, merged in order with anything already queued for it."""
         await self.cluster.synced()
+        view = self.run_viewers.get(client.id)
+        if view is not None:
+            return await self._run_opening(client, *view)
         chunks = [self.retry_hint()]
         if client.last_event_id is None:
             chunks.append(wire.cursor_frame(str(await self.backend.head())))
@@ -191,6 +205,30 @@ class Streams:
             self.counters.resume_gaps += 1
             chunks.append(_gap_frame(replay.head, replay.gaps, client.last_event_id))
         elif last < replay.head:
+            chunks.append(wire.cursor_frame(str(replay.head)))
+        return chunks
+
+    async def _run_opening(self, client: SSEClient, channel: str, cursor: str | None, first: int) -> list[bytes]:
+        """A run viewer's opening: the run from the cursor (from its start without one,
+        or after a ``gap`` when the cursor is unknown or history no longer reaches it),
+        merged with what is queued; a run that has ended ends the stream after it."""
+        after = first if cursor is None else await self.backend.resolve(cursor, [channel])
+        replay = await self.replays.replay([channel], first if after is None else max(after, first))
+        continuous = frozenset([channel]) - replay.gaps
+        client.skip_replayed(replay.head, continuous)
+        chunks = [self.retry_hint()]
+        if after is None or replay.gaps:
+            self.counters.resume_gaps += 1
+            # Its id resumes from where the replay starts, should the stream be cut here.
+            chunks.append(_gap_frame(first if after is None else after, [], cursor or ""))
+        frames = [Frame(m.seq, m.channel, wire.frame(m.id, m.payload)) for m in replay.messages]
+        queued = [f for f in client.take_frames() if not (f.seq <= replay.head and f.channel in continuous)]
+        merged = sorted(frames + queued, key=lambda f: f.seq)
+        chunks.extend(f.data for f in merged)
+        self.counters.events_sent += len(merged)
+        if any(is_run_end(m.channel, m.payload) for m in replay.messages):
+            self.registry.close(client, DisconnectReason.RUN_ENDED, discard=False)
+        elif not merged:
             chunks.append(wire.cursor_frame(str(replay.head)))
         return chunks
 

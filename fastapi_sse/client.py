@@ -39,6 +39,8 @@ class DisconnectReason:
     """The worker was cut off from a shared backend whose history lost events meanwhile."""
     BACKEND_UNAVAILABLE = "backend_unavailable"
     """The stream could not start: the shared backend did not answer."""
+    RUN_ENDED = "run_ended"
+    """A run viewer's stream, once the run's terminal event is written."""
     REFUSED = "refused"
     """Refused for load, a limit or shutdown: told to come back later (``retry:``)."""
 

@@ -67,6 +67,7 @@ def create_sse_router(
     admin_path: str = "/admin/connections",
     metrics_dependencies: Sequence[params.Depends] | None = None,
     metrics_path: str = "/metrics",
+    runs_path: str | None = "/runs/{run_id}",
     service: SSEService | None = None,
 ) -> APIRouter:
     """A router with the subscribe endpoint and, when protected, the admin stats.
@@ -90,6 +91,10 @@ def create_sse_router(
     ``GET {metrics_path}`` (Prometheus text format, route ``fastapi_sse:metrics``)
     likewise exists only when ``metrics_dependencies`` is given; it needs the
     ``metrics`` extra (prometheus-client).
+
+    ``GET {runs_path}`` streams a run to a viewer (see :mod:`fastapi_sse.runs`) and
+    ``POST {runs_path}/cancel`` asks it to stop; ``authorize`` decides both, with the
+    channel ``run:<run_id>``. ``runs_path=None`` mounts neither.
 
     The router carries the service's lifespan: ``app.include_router(router)`` is all
     it takes. Route names are namespaced (``fastapi_sse:subscribe``).
@@ -158,6 +163,9 @@ def create_sse_router(
             raise
         return response
 
+    if runs_path is not None:
+        _mount_runs(router, runs_path, authorize_dep)
+
     if admin_dependencies is not None:
 
         @router.get(
@@ -191,3 +199,50 @@ def create_sse_router(
 
 
 __all__ = ["allow_all", "create_sse_router"]
+
+
+_RUN_DOC: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "The run's `text/event-stream`: its events from the start (or after Last-Event-ID), "
+        "live ones, then the terminal `end` event, and the stream ends.",
+        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+    },
+    204: {"description": "The viewer has seen the whole ended run: an EventSource stops reconnecting."},
+    403: {"description": "The app's authorization refused the run (channel `run:<run_id>`)."},
+    404: {"description": "No such run, or it ended longer ago than run_retention."},
+}
+
+
+def _mount_runs(router: APIRouter, path: str, authorize_dep: Callable[..., Any]) -> None:
+    async def allowed(can_read: Bound, run_id: str) -> None:
+        if not await can_read(channel=f"run:{run_id}"):
+            raise HTTPException(403, f"not allowed to view run {run_id!r}")
+
+    @router.get(
+        path,
+        name="fastapi_sse:run",
+        operation_id="sse_run",
+        response_class=SSEResponse,
+        responses=_RUN_DOC,
+        summary="Follow a run's events",
+        openapi_extra={"parameters": [_LAST_EVENT_ID_HEADER]},
+    )
+    async def view_run(run_id: str, sse: SSEDep, can_read: Annotated[Bound, Depends(authorize_dep)]) -> Response:
+        await allowed(can_read, run_id)
+        return await sse.runs.stream(run_id)
+
+    @router.post(
+        path + "/cancel",
+        name="fastapi_sse:cancel_run",
+        operation_id="sse_cancel_run",
+        status_code=202,
+        responses={404: {"description": "No such run, or it has ended."}},
+        summary="Ask a run to stop",
+    )
+    async def cancel_run(
+        run_id: str, sse: SSEDep, can_read: Annotated[Bound, Depends(authorize_dep)]
+    ) -> dict[str, str]:
+        await allowed(can_read, run_id)
+        if not await sse.runs.cancel(run_id):
+            raise HTTPException(404, f"no running run {run_id!r}")
+        return {"run_id": run_id, "status": "cancelling"}

@@ -16,13 +16,14 @@ from fastapi_sse._delivery import Fanout
 from fastapi_sse._names import ALL_CHANNEL, GAP_EVENT, new_worker_id
 from fastapi_sse._publishing import Publisher
 from fastapi_sse._registry import Registry
+from fastapi_sse._runs import Runs
 from fastapi_sse._signals import SignalHandlers, end_in_waves
 from fastapi_sse._streams import Streams
 from fastapi_sse._sweep import sweep
 from fastapi_sse._tasks import Tasks
 from fastapi_sse._threads import LoopThread, on_loop
 from fastapi_sse._writer import Writer
-from fastapi_sse.backends import backend_for
+from fastapi_sse.backends import MemoryRunLedger, backend_for
 from fastapi_sse.backends.base import Backend, Publication
 from fastapi_sse.client import DisconnectReason, SSEClient
 from fastapi_sse.errors import ServiceNotRunningError
@@ -82,6 +83,11 @@ class SSEService:
             worker_id=self.worker_id, on_overflow=self._fanout.overflow,
         )  # fmt: skip
         self._publisher = Publisher(backend, counters, settings, writer)
+        self.runs = Runs(
+            settings, self._admission, self._publisher, backend, backend.runs or MemoryRunLedger(), registry,
+            worker_id=self.worker_id, open_client=lambda: self.add_client(""), view=self._streams.view_run,
+        )  # fmt: skip
+        """Runs: streams of one producer's events that viewers resume (:class:`Runs`)."""
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -95,6 +101,7 @@ class SSEService:
         self._running, self._closing = True, False
         self._tasks.spawn(sweep(self._registry, self.settings))
         self._tasks.spawn(self._writer.run())
+        self._tasks.spawn(self.runs.watch())
         await self._cluster.start(self._tasks.spawn)
 
     async def aclose(self, grace: float = 5.0) -> None:

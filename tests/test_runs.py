@@ -1,0 +1,192 @@
+"""Runs through real servers and real SSE clients: a producer's events that viewers
+follow from the start or their Last-Event-ID, to exactly one terminal event."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI, Request
+from helpers.apps import fast_settings, router_app, served
+from helpers.streams import open_stream
+
+from fastapi_sse import RunCancelled, RunExistsError, SSEDep, SSEService, allow_all, create_sse_router, sse_lifespan
+
+
+def producer_app(settings: Any = None, *, own_route: bool = False) -> FastAPI:
+    """An app whose POST /runs starts a run that sends what the test releases, one
+    event per ``step`` call; the viewer's route is the router's, or the app's own."""
+    settings = settings or fast_settings()
+    if own_route:
+        app = FastAPI(lifespan=sse_lifespan(settings))
+
+        @app.get("/mine/{run_id}")
+        async def view(run_id: str, sse: SSEDep) -> Any:
+            return await sse.runs.stream(run_id)
+
+    else:
+        app = router_app(settings)
+    app.state.steps = {}
+
+    @app.post("/runs")
+    async def start(request: Request, sse: SSEDep, count: int, run_id: str | None = None) -> dict[str, str]:
+        run = await sse.runs.open(run_id)
+        steps: asyncio.Queue[str] = asyncio.Queue()
+        app.state.steps[run.id] = steps
+
+        async def produce() -> None:
+            async with run:
+                for n in range(count):
+                    command = await steps.get()
+                    if command == "fail":
+                        raise RuntimeError("the model broke")
+                    await run.send("token", {"n": n})
+                await steps.get()
+                await run.finish({"tokens": count})
+
+        app.state.task = asyncio.get_running_loop().create_task(produce())
+        return {"run_id": run.id}
+
+    return app
+
+
+def step(srv: Any, app: FastAPI, run_id: str, times: int = 1, command: str = "go") -> None:
+    for _ in range(times):
+        srv.call(app.state.steps[run_id].put_nowait, command)
+
+
+def start(srv: Any, count: int, run_id: str | None = None) -> str:
+    params: dict[str, Any] = {"count": count}
+    if run_id is not None:
+        params["run_id"] = run_id
+    response = httpx.post(srv.url + "/runs", params=params)
+    assert response.status_code == 200, response.text
+    run_id = response.json()["run_id"]
+    assert isinstance(run_id, str)
+    return run_id
+
+
+def finished(srv: Any, app: FastAPI, count: int) -> str:
+    run_id = start(srv, count)
+    step(srv, app, run_id, count + 1)
+    srv.call(lambda: asyncio.wait_for(asyncio.shield(app.state.task), 5))
+    return run_id
+
+
+@pytest.mark.parametrize("own_route", [False, True], ids=["router", "own-route"])
+def test_a_viewer_gets_the_run_from_its_start_live_then_one_end(own_route: bool) -> None:
+    app = producer_app(own_route=own_route)
+    with served(app) as (srv, sse):
+        run_id = start(srv, 4)
+        step(srv, app, run_id, 2)
+        url = srv.url + (f"/mine/{run_id}" if own_route else f"/runs/{run_id}")
+        with open_stream(url, opened=False) as viewer:
+            assert [e.json()["n"] for e in viewer.events(2)] == [0, 1]
+            step(srv, app, run_id, 3)
+            rest = viewer.rest()
+        assert [e.event for e in rest] == ["token", "token", "end"]
+        assert rest[-1].json() == {"status": "done", "result": {"tokens": 4}}
+        assert viewer.ended
+        # A reconnect after the end (what EventSource does) is told to stop: 204.
+        after = httpx.get(url, headers={"Last-Event-ID": rest[-1].id})
+        assert after.status_code == 204
+        assert sse.stats().disconnects.get("run_ended") == 1
+
+
+@pytest.mark.parametrize("own_route", [False, True], ids=["router", "own-route"])
+def test_resume_at_every_offset_of_a_run_gives_exactly_the_rest(own_route: bool) -> None:
+    app = producer_app(own_route=own_route)
+    with served(app) as (srv, _):
+        run_id = finished(srv, app, 6)
+        url = srv.url + (f"/mine/{run_id}" if own_route else f"/runs/{run_id}")
+        with open_stream(url, opened=False) as whole:
+            events = whole.rest()
+        assert [e.event for e in events] == ["token"] * 6 + ["end"]
+        for k, event in enumerate(events[:-1]):
+            with open_stream(url, opened=False, headers={"Last-Event-ID": event.id}) as resumed:
+                rest = resumed.rest()
+            assert [e.id for e in rest] == [e.id for e in events[k + 1 :]]
+
+
+def test_a_cancel_reaches_the_producer_which_ends_the_run_as_cancelled() -> None:
+    app = producer_app(fast_settings(run_poll_interval=0.05))
+    with served(app) as (srv, _):
+        run_id = start(srv, 100)
+        step(srv, app, run_id)
+        with open_stream(srv.url + f"/runs/{run_id}", opened=False) as viewer:
+            assert viewer.next_event().json() == {"n": 0}
+            assert httpx.post(srv.url + f"/runs/{run_id}/cancel").status_code == 202
+            step(srv, app, run_id)  # the producer's next send raises RunCancelled
+            rest = viewer.rest()
+        assert [(e.event, e.json()) for e in rest] == [("end", {"status": "cancelled"})]
+        assert httpx.post(srv.url + f"/runs/{run_id}/cancel").status_code == 404
+
+
+def test_a_producer_that_raises_ends_its_run_as_failed() -> None:
+    app = producer_app()
+    with served(app) as (srv, _):
+        run_id = start(srv, 3)
+        step(srv, app, run_id)
+        step(srv, app, run_id, command="fail")
+        with open_stream(srv.url + f"/runs/{run_id}", opened=False) as viewer:
+            events = viewer.rest()
+        assert [e.event for e in events] == ["token", "end"]
+        assert events[-1].json() == {"status": "failed", "error": "the model broke"}
+
+
+def test_a_run_id_is_never_reused_while_it_is_retained() -> None:
+    app = producer_app()
+    with served(app) as (srv, sse):
+        run_id = finished(srv, app, 1)
+        assert httpx.post(srv.url + "/runs", params={"count": 1, "run_id": run_id}).status_code == 409
+        with pytest.raises(RunExistsError):
+            srv.call(sse.runs.open, run_id)
+
+
+def test_unknown_and_malformed_runs_are_clear_errors() -> None:
+    with served(producer_app()) as (srv, _):
+        assert httpx.get(srv.url + "/runs/nope").status_code == 404
+        assert httpx.get(srv.url + "/runs/.bad").status_code == 400
+        assert httpx.post(srv.url + "/runs/nope/cancel").status_code == 404
+
+
+def test_a_run_whose_producer_stops_renewing_ends_as_lost_for_its_viewers() -> None:
+    # A producer whose process died holds its lease no more: a viewer's worker ends
+    # the run for it. Here the lease is taken by an owner that never renews it.
+    app = router_app(fast_settings(run_lease=0.3, run_poll_interval=0.05))
+    with served(app) as (srv, sse):
+        assert srv.call(lambda: sse.runs.ledger.begin("ghost", "gone-worker", first=0, lease=0.3, retain=60))
+        with open_stream(srv.url + "/runs/ghost", opened=False) as viewer:
+            events = viewer.rest()
+        assert [(e.event, e.json()) for e in events] == [("end", {"status": "lost"})]
+
+
+def test_runs_keep_more_events_than_channel_history() -> None:
+    app = producer_app(fast_settings(history_size=5))
+    with served(app) as (srv, _):
+        run_id = finished(srv, app, 40)
+        with open_stream(srv.url + f"/runs/{run_id}", opened=False) as viewer:
+            events = viewer.rest()
+        assert [e.json()["n"] for e in events[:-1]] == list(range(40))
+
+
+def test_the_producer_side_in_process() -> None:
+    async def scenario() -> None:
+        async with SSEService(fast_settings(run_poll_interval=0.05)) as sse:
+            async with await sse.runs.open("job-1") as run:
+                await run.send("progress", {"percent": 50})
+                assert await sse.runs.cancel("job-1")
+                with pytest.raises(RunCancelled):
+                    await run.send("progress", {"percent": 100})
+            assert run.ended
+            assert not await sse.runs.cancel("job-1")
+
+    asyncio.run(scenario())
+
+
+def test_the_router_can_leave_runs_out() -> None:
+    app = FastAPI()
+    app.include_router(create_sse_router(fast_settings(), authorize=allow_all, runs_path=None))
+    assert not [r for r in app.routes if "runs" in getattr(r, "path", "")]
