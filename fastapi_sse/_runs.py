@@ -16,7 +16,7 @@ import asyncio
 import logging
 import re
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterable, Callable, Coroutine
 from typing import Any
 
 from starlette.responses import Response
@@ -53,10 +53,12 @@ class Runs:
         *,
         worker_id: str,
         open_client: Callable[[], tuple[SSEClient, SSEResponse]],
-        view: Callable[[SSEClient, str, str | None, int], None],
+        view: Callable[..., None],
+        spawn: Callable[[Coroutine[Any, Any, None]], None],
     ) -> None:
         self._open_client = open_client
         self._view = view
+        self._spawn = spawn
         self.settings = settings
         self.admission = admission
         self.publisher = publisher
@@ -65,6 +67,8 @@ class Runs:
         self.registry = registry
         self.worker_id = worker_id
         self.produced: dict[str, Run] = {}
+        # Runs of one request (serve() without a run id): kept only briefly after their end.
+        self.private: set[str] = set()
 
     def check_id(self, run_id: str) -> str:
         if not isinstance(run_id, str) or not _RUN_ID.fullmatch(run_id):
@@ -101,7 +105,10 @@ class Runs:
 
     async def _end(self, run_id: str, outcome: dict[str, Any]) -> None:
         """Publish the terminal event, once: by the first to claim the run's end."""
-        if await self.ledger.end(run_id, retain=self.settings.run_retention):
+        private = run_id in self.private
+        self.private.discard(run_id)
+        retain = self.settings.run_lease if private else self.settings.run_retention
+        if await self.ledger.end(run_id, retain=retain):
             await self._publish(run_id, self.admission.encode(RUN_END_EVENT, outcome, None), None)
 
     async def _publish(self, run_id: str, payload: bytes, event_id: str | None) -> str:
@@ -127,6 +134,11 @@ class Runs:
         ``add_client``), else from the run's start, to its ``end``; ``204 No Content``
         for a viewer that has seen the whole ended run (its EventSource then stops).
         Raises :class:`RunNotFoundError` (404) for an unknown run."""
+        return await self._stream(run_id, last_event_id)
+
+    async def _stream(
+        self, run_id: str, last_event_id: str | None, on_detach: Callable[[], None] | None = None
+    ) -> Response:
         cursor = last_event_id if last_event_id is not None else middleware.current_last_event_id()
         cursor = self.admission.cursor(cursor)
         first = await self.seen_to_the_end(run_id, cursor)
@@ -134,8 +146,42 @@ class Runs:
             return Response(status_code=204)
         client, response = self._open_client()
         if not client.closed:
-            self._view(client, run_id, cursor, first)
+            self._view(client, run_id, cursor, first, on_detach)
+        elif on_detach is not None:
+            on_detach()
         return response
+
+    async def serve(self, events: AsyncIterable[Any], *, run_id: str | None = None) -> Response:
+        """The response that streams what an async generator yields, for a route to
+        return: each item is ``(event, data)``, ``(event, data, id)``, or data alone
+        (event ``message``). Heartbeats, the retry hint, limits and the disconnect are
+        the service's, as for any stream.
+
+        Without ``run_id`` the generator belongs to the request: it stops (is closed)
+        when the client goes away. With ``run_id`` it is a run: the first request
+        starts it and it runs to its end whoever watches; a request that comes back
+        with the same id (a reconnect with ``Last-Event-ID``, a reload) follows the run
+        from where it left, and the generator runs once."""
+        if run_id is not None:
+            try:
+                run = await self.open(run_id)
+            except RunExistsError:
+                return await self._stream(run_id, None)
+            self._spawn(self._pump(run, events))
+            return await self._stream(run.id, None)
+        run = await self.open(None)
+        task = asyncio.get_running_loop().create_task(self._pump(run, events))
+        self.private.add(run.id)
+        # The client went away (or the stream ended): stop the generator.
+        return await self._stream(run.id, "", lambda: _cancel(task))
+
+    async def _pump(self, run: Run, events: AsyncIterable[Any]) -> None:
+        async with run:
+            async for item in events:
+                if isinstance(item, tuple) and len(item) in (2, 3) and isinstance(item[0], str):
+                    await run.send(*item)
+                else:
+                    await run.send("message", item)
 
     async def seen_to_the_end(self, run_id: str, cursor: str | None) -> int | None:
         """None when a viewer resuming from ``cursor`` has everything of an ended run,
@@ -179,3 +225,7 @@ class Runs:
             if state is None or not (state.live or state.ended):
                 logger.warning("run %s lost its producer (its lease lapsed); ending it for its viewers", run_id)
                 await self._end(run_id, {"status": "lost"})
+
+
+def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()

@@ -58,6 +58,7 @@ class Streams:
         self.writer = writer
         # Clients that view a run: their run's channel, and the cursor they resume from.
         self.run_viewers: dict[str, tuple[str, str | None, int]] = {}
+        self._on_detach: dict[str, Callable[[], None]] = {}
         # Streams that started and have not ended yet, for the service's stop to wait on.
         self.running: dict[str, SSEClient] = {}
         self._ended = asyncio.Event()
@@ -119,18 +120,29 @@ class Streams:
         self._ended.clear()
         return outlet
 
-    def view_run(self, client: SSEClient, run_id: str, cursor: str | None, first: int) -> None:
+    def view_run(
+        self,
+        client: SSEClient,
+        run_id: str,
+        cursor: str | None,
+        first: int,
+        on_detach: Callable[[], None] | None = None,
+    ) -> None:
         """Make a new client a viewer of a run: it replays the run from ``cursor`` (from
         its start, after sequence number ``first``, without one), then follows it to
-        its end."""
+        its end; ``on_detach`` is called when its stream ends, for whatever reason."""
         channel = run_channel(run_id)
         self.registry.subscribe(client, channel)
         self.run_viewers[client.id] = (channel, cursor, first)
+        if on_detach is not None:
+            self._on_detach[client.id] = on_detach
 
     def detach(self, client: SSEClient, reason: str) -> None:
         """A stream ended (for whatever reason): make sure the client is gone."""
         self.run_viewers.pop(client.id, None)
         self.registry.close(client, reason, discard=True)
+        if (on_detach := self._on_detach.pop(client.id, None)) is not None:
+            on_detach()
         if self.running.pop(client.id, None) is not None and not self.running:
             self._ended.set()
 

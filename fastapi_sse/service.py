@@ -86,6 +86,7 @@ class SSEService:
         self.runs = Runs(
             settings, self._admission, self._publisher, backend, backend.runs or MemoryRunLedger(), registry,
             worker_id=self.worker_id, open_client=lambda: self.add_client(""), view=self._streams.view_run,
+            spawn=self._tasks.spawn,
         )  # fmt: skip
         """Runs: streams of one producer's events that viewers resume (:class:`Runs`)."""
 

@@ -4,13 +4,14 @@ follow from the start or their Last-Event-ID, to exactly one terminal event."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
 from fastapi import FastAPI, Request
 from helpers.apps import fast_settings, router_app, served
-from helpers.streams import open_stream
+from helpers.streams import open_stream, wait_until
 
 from fastapi_sse import RunCancelled, RunExistsError, SSEDep, SSEService, allow_all, create_sse_router, sse_lifespan
 
@@ -190,3 +191,75 @@ def test_the_router_can_leave_runs_out() -> None:
     app = FastAPI()
     app.include_router(create_sse_router(fast_settings(), authorize=allow_all, runs_path=None))
     assert not [r for r in app.routes if "runs" in getattr(r, "path", "")]
+
+
+def generator_app() -> FastAPI:
+    """Routes that return a stream built from an async generator: per request, and as
+    a resumable run. ``app.state.gate`` releases the generator's events one by one."""
+    app = router_app(fast_settings())
+    app.state.log = []
+
+    async def tokens(count: int, gate: asyncio.Queue[None]) -> AsyncIterator[Any]:
+        try:
+            for n in range(count):
+                await gate.get()
+                yield ("token", {"n": n})
+            yield {"all": count}  # data alone: event "message"
+        finally:
+            app.state.log.append("closed")
+
+    @app.post("/ask")
+    async def ask(sse: SSEDep, count: int) -> Any:
+        app.state.gate = asyncio.Queue()
+        return await sse.runs.serve(tokens(count, app.state.gate))
+
+    @app.get("/job/{job_id}")
+    async def job(sse: SSEDep, job_id: str, count: int) -> Any:
+        if not hasattr(app.state, "gate") or job_id not in app.state.log:
+            app.state.gate = asyncio.Queue()
+            app.state.log.append(job_id)
+        return await sse.runs.serve(tokens(count, app.state.gate), run_id=job_id)
+
+    return app
+
+
+def release(srv: Any, app: FastAPI, times: int) -> None:
+    for _ in range(times):
+        srv.call(app.state.gate.put_nowait, None)
+
+
+def test_a_generator_per_request_streams_then_ends_and_stops_when_the_client_leaves() -> None:
+    app = generator_app()
+    with served(app) as (srv, _):
+        with httpx.Client(timeout=10) as http, http.stream("POST", srv.url + "/ask", params={"count": 2}) as r:
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+            release(srv, app, 2)
+            body = "".join(r.iter_text())
+        assert body.count("event: token") == 2 and 'event: message\ndata: {"all":2}' in body
+        assert 'event: end\ndata: {"status":"done","result":null}' in body
+        # A client that leaves mid-stream stops the generator.
+        with (
+            httpx.Client(timeout=10) as http,
+            http.stream("POST", srv.url + "/ask", params={"count": 5}) as r,
+        ):
+            release(srv, app, 1)
+            for line in r.iter_lines():
+                if line.startswith("event: token"):
+                    break
+        wait_until(lambda: app.state.log.count("closed") == 2, message="the generator to be closed")
+
+
+def test_a_generator_with_a_run_id_runs_once_and_a_reconnect_resumes_it() -> None:
+    app = generator_app()
+    with served(app) as (srv, _):
+        url = srv.url + "/job/j1?count=3"
+        with open_stream(url, opened=False) as first:
+            release(srv, app, 1)
+            got = first.next_event()
+        assert got.json() == {"n": 0}
+        # The client left; the run goes on. It comes back with its Last-Event-ID.
+        release(srv, app, 2)
+        with open_stream(url, opened=False, headers={"Last-Event-ID": got.id}) as again:
+            rest = again.rest()
+        assert [e.event for e in rest] == ["token", "token", "message", "end"]
+        assert app.state.log.count("j1") == 1 and app.state.log.count("closed") == 1
