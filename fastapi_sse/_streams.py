@@ -134,6 +134,10 @@ class Streams:
         channel = run_channel(run_id)
         self.registry.subscribe(client, channel)
         self.run_viewers[client.id] = (channel, cursor, first)
+        # A viewer that reads slowly is never cut nor loses events: it catches up from
+        # the run's history (fall_behind, catch_up).
+        client.overflow_policy = "disconnect"
+        client.on_overflow = self.fall_behind
         if on_detach is not None:
             self._on_detach[client.id] = on_detach
 
@@ -220,6 +224,36 @@ class Streams:
             chunks.append(wire.cursor_frame(str(replay.head)))
         return chunks
 
+    def fall_behind(self, client: SSEClient, dropped: int) -> None:
+        """A run viewer's buffer is full: drop it; its stream catches up from history."""
+        outlet = client.outlet
+        if outlet is None or client.id not in self.run_viewers:
+            # Not streaming yet: it reconnects and resumes instead.
+            self.registry.close(client, DisconnectReason.SLOW_CONSUMER, discard=True)
+            return
+        frames = client.take_frames()
+        after = frames[0].seq - 1 if frames else client.taken_seq
+        outlet.behind = after if outlet.behind is None else min(outlet.behind, after)
+        outlet.wake()
+
+    async def catch_up(self, client: SSEClient, outlet: Outlet) -> list[bytes]:
+        """What a run viewer missed since it fell behind, from the run's history, merged
+        with what is queued; the run's end ends the stream after it."""
+        after = max(outlet.behind or 0, client.taken_seq)
+        outlet.behind = None
+        channel = self.run_viewers[client.id][0]
+        replay = await self.replays.replay([channel], after)
+        continuous = frozenset([channel]) - replay.gaps
+        client.skip_replayed(replay.head, continuous)
+        frames = [Frame(m.seq, m.channel, wire.frame(m.id, m.payload)) for m in replay.messages]
+        queued = [f for f in client.take_frames() if not (f.seq <= replay.head and f.channel in continuous)]
+        merged = sorted(frames + queued, key=lambda f: f.seq)
+        if merged:
+            client.taken_seq = max(client.taken_seq, merged[-1].seq)
+        if any(is_run_end(m.channel, m.payload) for m in replay.messages):
+            self.registry.close(client, DisconnectReason.RUN_ENDED, discard=False)
+        return [f.data for f in merged]
+
     async def _run_opening(self, client: SSEClient, channel: str, cursor: str | None, first: int) -> list[bytes]:
         """A run viewer's opening: the run from the cursor (from its start without one,
         or after a ``gap`` when the cursor is unknown or history no longer reaches it),
@@ -237,6 +271,8 @@ class Streams:
         queued = [f for f in client.take_frames() if not (f.seq <= replay.head and f.channel in continuous)]
         merged = sorted(frames + queued, key=lambda f: f.seq)
         chunks.extend(f.data for f in merged)
+        if merged:
+            client.taken_seq = merged[-1].seq
         self.counters.events_sent += len(merged)
         if any(is_run_end(m.channel, m.payload) for m in replay.messages):
             self.registry.close(client, DisconnectReason.RUN_ENDED, discard=False)

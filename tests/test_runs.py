@@ -11,9 +11,18 @@ import httpx
 import pytest
 from fastapi import FastAPI, Request
 from helpers.apps import fast_settings, router_app, served
-from helpers.streams import open_stream, wait_until
+from helpers.streams import open_stream, parse, raw_request, wait_until
 
-from fastapi_sse import RunCancelled, RunExistsError, SSEDep, SSEService, allow_all, create_sse_router, sse_lifespan
+from fastapi_sse import (
+    RunCancelled,
+    RunExistsError,
+    SSEDep,
+    SSEService,
+    Text,
+    allow_all,
+    create_sse_router,
+    sse_lifespan,
+)
 
 
 def producer_app(settings: Any = None, *, own_route: bool = False) -> FastAPI:
@@ -263,3 +272,28 @@ def test_a_generator_with_a_run_id_runs_once_and_a_reconnect_resumes_it() -> Non
             rest = again.rest()
         assert [e.event for e in rest] == ["token", "token", "message", "end"]
         assert app.state.log.count("j1") == 1 and app.state.log.count("closed") == 1
+
+
+def test_a_viewer_that_reads_slowly_catches_up_from_history_and_loses_nothing() -> None:
+    # Its buffer holds two events; the run has 400 events of 30 KB (more than the
+    # socket buffers take), all published while the viewer reads nothing. It is not
+    # cut, nor does it lose one: it catches up from the run's history.
+    app = router_app(fast_settings(max_buffer_bytes=64 * 1024))
+    with served(app) as (srv, sse):
+        run = srv.call(sse.runs.open, "slow")
+        sock, head = raw_request(srv.port, "/runs/slow", rcvbuf=4096)
+        assert head is not None and head.status == 200
+
+        async def fill() -> None:
+            async with run:
+                for n in range(400):
+                    await run.send("chunk", Text(f"{n:05d}" + "x" * 30_000))
+
+        srv.call(fill, timeout=60)
+        body = head.read_to_end()
+        sock.close()
+        events = [e for e in parse(body) if e.event in ("chunk", "end")]
+        assert [int(e.data[:5]) for e in events[:-1]] == list(range(400))
+        assert events[-1].event == "end"
+        assert "slow_consumer" not in sse.stats().disconnects
+        assert sse.stats().events_dropped == 0
