@@ -16,8 +16,8 @@ import asyncio
 import logging
 import re
 import uuid
-from collections.abc import AsyncIterable, Callable, Coroutine
-from typing import Any
+from collections.abc import AsyncIterable, Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
 
 from starlette.responses import Response
 
@@ -28,12 +28,14 @@ from fastapi_sse._publishing import Publisher
 from fastapi_sse._registry import Registry
 from fastapi_sse.backends.base import Backend, Publication, RunLedger
 from fastapi_sse.client import SSEClient
-from fastapi_sse.errors import BadRequestError, RunExistsError, RunNotFoundError
+from fastapi_sse.errors import BackendError, BadRequestError, RunExistsError, RunNotFoundError
 from fastapi_sse.response import SSEResponse
 from fastapi_sse.runs import Run
 from fastapi_sse.settings import SSESettings
 
 logger = logging.getLogger("fastapi_sse")
+
+_T = TypeVar("_T")
 
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
 
@@ -108,13 +110,30 @@ class Runs:
         private = run_id in self.private
         self.private.discard(run_id)
         retain = self.settings.run_lease if private else self.settings.run_retention
-        if await self.ledger.end(run_id, retain=retain):
+        if await self._patiently(lambda: self.ledger.end(run_id, retain=retain)):
             await self._publish(run_id, self.admission.encode(RUN_END_EVENT, outcome, None), None)
 
     async def _publish(self, run_id: str, payload: bytes, event_id: str | None) -> str:
         history = self.settings.run_history_size
         publication = Publication(run_channel(run_id), payload, event_id, True, history=history)
-        return (await self.publisher.publish_many([publication]))[0].id
+        messages = await self._patiently(lambda: self.publisher.publish_many([publication]))
+        return messages[0].id
+
+    async def _patiently(self, call: Callable[[], Awaitable[_T]]) -> _T:
+        """``call()``, again while the backend is unreachable, for up to ``run_lease``
+        seconds (a restart of Redis): a run outlives a short outage, and past its lease
+        its viewers end it anyway. A batch sent again is stored once (its keys)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.run_lease
+        delay = 0.05
+        while True:
+            try:
+                return await call()
+            except BackendError:
+                if loop.time() + delay > deadline:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
 
     async def cancel(self, run_id: str) -> bool:
         """Ask a run to stop, from any worker: its producer's next ``send`` raises

@@ -297,3 +297,15 @@ def test_a_viewer_that_reads_slowly_catches_up_from_history_and_loses_nothing() 
         assert events[-1].event == "end"
         assert "slow_consumer" not in sse.stats().disconnects
         assert sse.stats().events_dropped == 0
+
+
+def test_a_thousand_viewers_of_one_run_each_get_every_event_exactly_once() -> None:
+    from bench.apps.runs import app as bench_app
+    from bench.loadgen import raise_fd_limit
+    from bench.runs import fan_out
+
+    raise_fd_limit(4096)
+    with served(bench_app) as (srv, sse):
+        # fan_out checks that 1,000 viewers got 50 tokens each, then the end.
+        assert asyncio.run(fan_out(srv.port, 1000, 50, "run")) > 0
+        assert sse.stats().disconnects.get("run_ended") == 1000

@@ -9,16 +9,24 @@ import os
 import signal
 import time
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
 import pytest
+import uvicorn
+from fastapi import FastAPI
+from helpers.apps import fast_settings, router_app
 from helpers.redis import RedisServer
+from helpers.servers import free_port
 from helpers.sinks import Inbox
 from helpers.streams import open_stream
+from httpx_sse import aconnect_sse
 from test_redis_cluster import workers
+from test_redis_faults import DURABLE, Cuttable, kill, private_redis, restart
 
-from fastapi_sse import MemoryBackend, MemoryRunLedger, RunLedger
+from fastapi_sse import MemoryBackend, MemoryRunLedger, RunLedger, SSEService, get_sse_from_app
 from fastapi_sse.backends.redis import RedisBackend
 
 
@@ -145,3 +153,55 @@ def test_a_publication_keeps_more_history_than_the_backends_size(kind: str, requ
             await backend.close()
 
     asyncio.run(scenario())
+
+
+def test_a_run_survives_a_redis_restart_with_its_history() -> None:
+    with private_redis(*DURABLE) as server:
+        with workers(2, server, run_lease=10.0) as [(one, _), (two, _)]:
+            run_id = start(one, 60, pace=0.02)
+            with open_stream(two + f"/runs/{run_id}", opened=False) as viewer:
+                seen = viewer.events(5)
+                kill(server)
+                restart(server, *DURABLE)
+                seen += viewer.rest()
+        assert [e.json()["n"] for e in seen[:-1]] == list(range(60))
+        assert (seen[-1].event, seen[-1].json()) == ("end", {"status": "done", "result": {"tokens": 60}})
+        ids = [int(e.id) for e in seen]
+        assert ids == sorted(set(ids))
+
+
+@asynccontextmanager
+async def serving(app: FastAPI) -> AsyncIterator[str]:
+    """Serve ``app`` with uvicorn on this event loop (beside a Cuttable network)."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    task = asyncio.get_running_loop().create_task(server.serve())
+    while not server.started:  # noqa: ASYNC110 - uvicorn offers a flag, not an event
+        await asyncio.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        get_sse_from_app(app).shutdown()
+        server.should_exit = True
+        await task
+
+
+@pytest.mark.anyio
+async def test_a_viewer_whose_subscription_drops_at_the_end_still_gets_it(redis_server: RedisServer) -> None:
+    prefix = f"test:{uuid.uuid4().hex[:10]}:"
+    common: dict[str, Any] = {"backend": "redis", "redis_key_prefix": prefix, "redis_max_backoff": 0.1}
+    async with Cuttable(redis_server.port) as network:
+        viewer_app = router_app(fast_settings(redis_url=network.url, redis_timeout=1, **common))
+        producer = SSEService(fast_settings(redis_url=redis_server.url, **common))
+        async with producer, serving(viewer_app) as url, httpx.AsyncClient(timeout=10) as http:
+            run = await producer.runs.open()
+            await run.send("token", 1)
+            async with aconnect_sse(http, "GET", f"{url}/runs/{run.id}") as source:
+                events = (e async for e in source.aiter_sse() if e.event in ("token", "end"))
+                assert (await anext(events)).json() == 1
+                network.cut()  # the viewer's worker loses Redis: its subscription drops
+                await run.send("token", 2)
+                await run.finish("ok")
+                network.heal()
+                rest = [(e.event, e.json()) async for e in events]
+        assert rest == [("token", 2), ("end", {"status": "done", "result": "ok"})]
