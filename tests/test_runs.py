@@ -309,3 +309,13 @@ def test_a_thousand_viewers_of_one_run_each_get_every_event_exactly_once() -> No
         # fan_out checks that 1,000 viewers got 50 tokens each, then the end.
         assert asyncio.run(fan_out(srv.port, 1000, 50, "run")) > 0
         assert sse.stats().disconnects.get("run_ended") == 1000
+
+
+def test_an_ended_run_is_forgotten_after_its_retention_and_its_id_is_free_again() -> None:
+    app = producer_app(fast_settings(run_retention=0.3))
+    with served(app) as (srv, _):
+        run_id = finished(srv, app, 1)
+        with open_stream(srv.url + f"/runs/{run_id}", opened=False) as viewer:
+            assert [e.event for e in viewer.rest()] == ["token", "end"]
+        wait_until(lambda: httpx.get(srv.url + f"/runs/{run_id}").status_code == 404, message="the run to expire")
+        assert start(srv, 1, run_id) == run_id

@@ -159,10 +159,12 @@ class Backend(ABC):
         round trip); a batch sent again with the same :attr:`Publication.key` values
         after a failure must not be stored twice. On error, a prefix of the batch may
         have been published."""
-        return [
-            await self.publish(p.channel, p.payload, p.event_id, store=p.store, index=p.index, history=p.history)
-            for p in publications
-        ]
+        messages = []
+        for p in publications:
+            # ``history`` only when set: a backend written before it keeps working.
+            extra = {} if p.history is None else {"history": p.history}
+            messages.append(await self.publish(p.channel, p.payload, p.event_id, store=p.store, index=p.index, **extra))
+        return messages
 
     def publish_nowait(
         self,

@@ -97,10 +97,12 @@ class MemoryBackend(Backend):
         """Publish the whole batch in order without suspending: nothing else runs
         between two of its events (each goes through :meth:`publish`)."""
         publish = self.publish
-        return [
-            await publish(p.channel, p.payload, p.event_id, store=p.store, index=p.index, history=p.history)
-            for p in publications
-        ]
+        messages = []
+        for p in publications:
+            # ``history`` only when set, as Backend.publish_many passes it.
+            extra = {} if p.history is None else {"history": p.history}
+            messages.append(await publish(p.channel, p.payload, p.event_id, store=p.store, index=p.index, **extra))
+        return messages
 
     def publish_nowait(
         self,
