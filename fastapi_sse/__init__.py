@@ -1,14 +1,19 @@
 """Server-Sent Events for FastAPI: channels, broadcasting, replay and heartbeats."""
 
+from fastapi_sse._names import RUN_END_EVENT
+from fastapi_sse._runs import Runs
 from fastapi_sse._wire import Text
 from fastapi_sse.backends import (
     Backend,
     Coordination,
     MemoryBackend,
+    MemoryRunLedger,
     Message,
     NoCoordination,
     Publication,
     Replay,
+    RunLedger,
+    RunState,
     Sink,
 )
 from fastapi_sse.client import DisconnectReason, SSEClient
@@ -19,6 +24,9 @@ from fastapi_sse.errors import (
     InvalidChannelError,
     InvalidEventError,
     LimitExceededError,
+    RunCancelled,
+    RunExistsError,
+    RunNotFoundError,
     ServiceNotRunningError,
     SettingsError,
     SSEError,
@@ -27,6 +35,7 @@ from fastapi_sse.hooks import Authorize, DefaultChannels, Identify, OnConnect
 from fastapi_sse.middleware import SSEMiddleware
 from fastapi_sse.response import RefusedStream, SSEResponse
 from fastapi_sse.router import allow_all, create_sse_router
+from fastapi_sse.runs import Run
 from fastapi_sse.service import ALL_CHANNEL, GAP_EVENT, SSEService
 from fastapi_sse.settings import SSESettings, load_settings
 from fastapi_sse.stats import ConnectionStats
@@ -36,6 +45,7 @@ from fastapi_sse.typed import EventType, EventTypes
 __all__ = [
     "ALL_CHANNEL",
     "GAP_EVENT",
+    "RUN_END_EVENT",
     "Authorize",
     "Backend",
     "BackendError",
@@ -51,12 +61,20 @@ __all__ = [
     "InvalidEventError",
     "LimitExceededError",
     "MemoryBackend",
+    "MemoryRunLedger",
     "Message",
     "NoCoordination",
     "OnConnect",
     "Publication",
     "RefusedStream",
     "Replay",
+    "Run",
+    "RunCancelled",
+    "RunExistsError",
+    "RunLedger",
+    "RunNotFoundError",
+    "RunState",
+    "Runs",
     "SSEClient",
     "SSEDep",
     "SSEError",

@@ -28,6 +28,12 @@ resolves through it when a client of that identity resumes (nothing is published
 IDENTITY_GROUP_PREFIX = "identity:"
 """Capped group (:meth:`Coordination.claim`) of an identity's streams across workers."""
 
+RUN_CHANNEL_PREFIX = "$run:"
+"""Internal channel of a run: its events, in its history, for every viewer."""
+
+RUN_END_EVENT = "end"
+"""Name of a run's terminal event: ``{"status": "done" | "failed" | "cancelled" | "lost", ...}``."""
+
 GAP_EVENT = "gap"
 """Name of the event a resuming client gets when history no longer covers its cursor."""
 
@@ -73,3 +79,21 @@ def worker_of(channel: str) -> str | None:
 
 def is_internal(channel: str) -> bool:
     return channel.startswith(INTERNAL_PREFIX)
+
+
+def run_channel(run_id: str) -> str:
+    return RUN_CHANNEL_PREFIX + run_id
+
+
+def run_of(channel: str) -> str | None:
+    """The run whose channel this is; None for any other channel."""
+    return channel[len(RUN_CHANNEL_PREFIX) :] if channel.startswith(RUN_CHANNEL_PREFIX) else None
+
+
+RUN_END_PREFIX = b"event: " + RUN_END_EVENT.encode() + b"\n"
+"""How a run's terminal event starts, as stored and delivered."""
+
+
+def is_run_end(channel: str, payload: bytes) -> bool:
+    """Whether a message is a run's terminal event."""
+    return payload.startswith(RUN_END_PREFIX) and channel.startswith(RUN_CHANNEL_PREFIX)

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from fastapi_sse import _wire as wire
 from fastapi_sse._cluster import LocalCluster
 from fastapi_sse._counters import Counters
-from fastapi_sse._names import ALL_CHANNEL, GAP_EVENT, is_internal, new_client_id
+from fastapi_sse._names import ALL_CHANNEL, GAP_EVENT, is_internal, is_run_end, new_client_id, run_channel
 from fastapi_sse._registry import Registry, readable
 from fastapi_sse._replays import SharedReplays
 from fastapi_sse._writer import Outlet, Writer
@@ -56,6 +56,9 @@ class Streams:
         self.cluster = cluster
         self.counters = counters
         self.writer = writer
+        # Clients that view a run: their run's channel, and the cursor they resume from.
+        self.run_viewers: dict[str, tuple[str, str | None, int]] = {}
+        self._on_detach: dict[str, Callable[[], None]] = {}
         # Streams that started and have not ended yet, for the service's stop to wait on.
         self.running: dict[str, SSEClient] = {}
         self._ended = asyncio.Event()
@@ -117,9 +120,33 @@ class Streams:
         self._ended.clear()
         return outlet
 
+    def view_run(
+        self,
+        client: SSEClient,
+        run_id: str,
+        cursor: str | None,
+        first: int,
+        on_detach: Callable[[], None] | None = None,
+    ) -> None:
+        """Make a new client a viewer of a run: it replays the run from ``cursor`` (from
+        its start, after sequence number ``first``, without one), then follows it to
+        its end; ``on_detach`` is called when its stream ends, for whatever reason."""
+        channel = run_channel(run_id)
+        self.registry.subscribe(client, channel)
+        self.run_viewers[client.id] = (channel, cursor, first)
+        # A viewer that reads slowly is never cut nor loses events: it catches up from
+        # the run's history (fall_behind, catch_up).
+        client.overflow_policy = "disconnect"
+        client.on_overflow = self.fall_behind
+        if on_detach is not None:
+            self._on_detach[client.id] = on_detach
+
     def detach(self, client: SSEClient, reason: str) -> None:
         """A stream ended (for whatever reason): make sure the client is gone."""
+        self.run_viewers.pop(client.id, None)
         self.registry.close(client, reason, discard=True)
+        if (on_detach := self._on_detach.pop(client.id, None)) is not None:
+            on_detach()
         if self.running.pop(client.id, None) is not None and not self.running:
             self._ended.set()
 
@@ -168,6 +195,9 @@ class Streams:
         """The retry hint, then either the cursor or the replay of what the client
         missed, merged in order with anything already queued for it."""
         await self.cluster.synced()
+        view = self.run_viewers.get(client.id)
+        if view is not None:
+            return await self._run_opening(client, *view)
         chunks = [self.retry_hint()]
         if client.last_event_id is None:
             chunks.append(wire.cursor_frame(str(await self.backend.head())))
@@ -191,6 +221,62 @@ class Streams:
             self.counters.resume_gaps += 1
             chunks.append(_gap_frame(replay.head, replay.gaps, client.last_event_id))
         elif last < replay.head:
+            chunks.append(wire.cursor_frame(str(replay.head)))
+        return chunks
+
+    def fall_behind(self, client: SSEClient, dropped: int) -> None:
+        """A run viewer's buffer is full: drop it; its stream catches up from history."""
+        outlet = client.outlet
+        if outlet is None or client.id not in self.run_viewers:
+            # Not streaming yet: it reconnects and resumes instead.
+            self.registry.close(client, DisconnectReason.SLOW_CONSUMER, discard=True)
+            return
+        frames = client.take_frames()
+        after = frames[0].seq - 1 if frames else client.taken_seq
+        outlet.behind = after if outlet.behind is None else min(outlet.behind, after)
+        outlet.wake()
+
+    async def catch_up(self, client: SSEClient, outlet: Outlet) -> list[bytes]:
+        """What a run viewer missed since it fell behind, from the run's history, merged
+        with what is queued; the run's end ends the stream after it."""
+        after = max(outlet.behind or 0, client.taken_seq)
+        outlet.behind = None
+        channel = self.run_viewers[client.id][0]
+        replay = await self.replays.replay([channel], after)
+        continuous = frozenset([channel]) - replay.gaps
+        client.skip_replayed(replay.head, continuous)
+        frames = [Frame(m.seq, m.channel, wire.frame(m.id, m.payload)) for m in replay.messages]
+        queued = [f for f in client.take_frames() if not (f.seq <= replay.head and f.channel in continuous)]
+        merged = sorted(frames + queued, key=lambda f: f.seq)
+        if merged:
+            client.taken_seq = max(client.taken_seq, merged[-1].seq)
+        if any(is_run_end(m.channel, m.payload) for m in replay.messages):
+            self.registry.close(client, DisconnectReason.RUN_ENDED, discard=False)
+        return [f.data for f in merged]
+
+    async def _run_opening(self, client: SSEClient, channel: str, cursor: str | None, first: int) -> list[bytes]:
+        """A run viewer's opening: the run from the cursor (from its start without one,
+        or after a ``gap`` when the cursor is unknown or history no longer reaches it),
+        merged with what is queued; a run that has ended ends the stream after it."""
+        after = first if cursor is None else await self.backend.resolve(cursor, [channel])
+        replay = await self.replays.replay([channel], first if after is None else max(after, first))
+        continuous = frozenset([channel]) - replay.gaps
+        client.skip_replayed(replay.head, continuous)
+        chunks = [self.retry_hint()]
+        if after is None or replay.gaps:
+            self.counters.resume_gaps += 1
+            # Its id resumes from where the replay starts, should the stream be cut here.
+            chunks.append(_gap_frame(first if after is None else after, [], cursor or ""))
+        frames = [Frame(m.seq, m.channel, wire.frame(m.id, m.payload)) for m in replay.messages]
+        queued = [f for f in client.take_frames() if not (f.seq <= replay.head and f.channel in continuous)]
+        merged = sorted(frames + queued, key=lambda f: f.seq)
+        chunks.extend(f.data for f in merged)
+        if merged:
+            client.taken_seq = merged[-1].seq
+        self.counters.events_sent += len(merged)
+        if any(is_run_end(m.channel, m.payload) for m in replay.messages):
+            self.registry.close(client, DisconnectReason.RUN_ENDED, discard=False)
+        elif not merged:
             chunks.append(wire.cursor_frame(str(replay.head)))
         return chunks
 

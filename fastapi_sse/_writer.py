@@ -88,6 +88,7 @@ class Outlet:
     :attr:`woken` so that the stream knows the cancellation was its own."""
 
     __slots__ = (
+        "behind",
         "cancelled",
         "client",
         "context",
@@ -116,6 +117,9 @@ class Outlet:
         self.cancelled = False
         self.sending = False
         self.last_write = 0.0
+        # A run viewer whose buffer overflowed: the sequence number after which it
+        # catches up from the run's history before it writes anything else.
+        self.behind: int | None = None
 
     def ready(self) -> None:
         self.queued = True
@@ -183,7 +187,9 @@ class Writer:
             try:
                 for done, outlet in enumerate(batch, 1):
                     outlet.queued = False
-                    if outlet.parked and outlet.client.buffered_bytes and not outlet.client.closed:
+                    if outlet.behind is not None:
+                        outlet.wake()  # its own task catches up from history first
+                    elif outlet.parked and outlet.client.buffered_bytes and not outlet.client.closed:
                         self._write(outlet, now)
                     if not done % _YIELD_EVERY:
                         await asyncio.sleep(0)

@@ -39,6 +39,8 @@ class DisconnectReason:
     """The worker was cut off from a shared backend whose history lost events meanwhile."""
     BACKEND_UNAVAILABLE = "backend_unavailable"
     """The stream could not start: the shared backend did not answer."""
+    RUN_ENDED = "run_ended"
+    """A run viewer's stream, once the run's terminal event is written."""
     REFUSED = "refused"
     """Refused for load, a limit or shutdown: told to come back later (``retry:``)."""
 
@@ -54,6 +56,8 @@ class Outlet(Protocol):
     """A write is in progress."""
     last_write: float
     """When the last write ended (the loop's clock)."""
+    behind: int | None
+    """A run viewer that fell behind: where it catches up from history."""
 
     def ready(self) -> None:
         """Frames arrived for a parked stream: queue it for the writer."""
@@ -78,7 +82,6 @@ class SSEClient:
         "_buffered",
         "_floor",
         "_limit",
-        "_policy",
         "_replayed",
         "attached",
         "channels",
@@ -91,6 +94,8 @@ class SSEClient:
         "last_event_id",
         "on_overflow",
         "outlet",
+        "overflow_policy",
+        "taken_seq",
     )
 
     def __init__(
@@ -116,7 +121,10 @@ class SSEClient:
         self._buffer: list[Frame] = []
         self._buffered = 0
         self._limit = buffer_limit
-        self._policy = policy
+        self.overflow_policy = policy
+        """What a full buffer does; the ``overflow_policy`` setting unless changed."""
+        self.taken_seq = 0
+        """The newest event taken from the buffer to be written."""
         # During a resume, live events up to the replayed head on the replayed
         # channels are already in the replay: skip them.
         self._floor = 0
@@ -152,7 +160,7 @@ class SSEClient:
 
     def _overflow(self, size: int) -> bool:
         """Apply the overflow policy; True when the new frame may still be queued."""
-        policy = self._policy
+        policy = self.overflow_policy
         if policy == "drop_newest" or (policy == "drop_oldest" and size > self._limit):
             self._count_drop(1)
             return False
@@ -186,6 +194,8 @@ class SSEClient:
             count -= 1  # a heartbeat, only ever queued first into an empty buffer
             created = buffer[1].created if count else 0.0
         chunk = first.data if len(buffer) == 1 else b"".join([f.data for f in buffer])
+        if buffer[-1].seq:
+            self.taken_seq = buffer[-1].seq
         buffer.clear()
         self._buffered = 0
         return chunk, count, created

@@ -57,12 +57,41 @@ class InvalidChannelError(BadRequestError):
     """A channel name is empty, too long or has characters outside the allowed pattern."""
 
 
+class RunExistsError(SSEError, HTTPException):
+    """A run with this id is running, or ended recently and is still retained: run ids
+    are never reused while a viewer could still see the old run (HTTP 409)."""
+
+    def __init__(self, run_id: str) -> None:
+        detail = f"run {run_id!r} exists (running, or ended and still retained); choose another id"
+        HTTPException.__init__(self, status_code=409, detail=detail)
+
+    def __str__(self) -> str:
+        return str(self.detail)
+
+
+class RunNotFoundError(SSEError, HTTPException):
+    """No run has this id, or it ended longer ago than its retention (HTTP 404)."""
+
+    def __init__(self, run_id: str) -> None:
+        HTTPException.__init__(self, status_code=404, detail=f"no run {run_id!r} (never started, or forgotten)")
+
+    def __str__(self) -> str:
+        return str(self.detail)
+
+
+class RunCancelled(SSEError):
+    """Raised in a run's producer at its next ``send`` once the run was cancelled."""
+
+
 __all__ = [
     "BackendError",
     "BadRequestError",
     "InvalidChannelError",
     "InvalidEventError",
     "LimitExceededError",
+    "RunCancelled",
+    "RunExistsError",
+    "RunNotFoundError",
     "SSEError",
     "ServiceNotRunningError",
     "SettingsError",

@@ -58,6 +58,8 @@ class StreamHost(Protocol):
 
     def detach(self, client: SSEClient, reason: str) -> None: ...
 
+    async def catch_up(self, client: SSEClient, outlet: Outlet) -> list[bytes]: ...
+
 
 class SSEResponse(EventSourceResponse):
     """The response :meth:`SSEService.add_client` returns; return it from the handler.
@@ -162,7 +164,15 @@ class SSEResponse(EventSourceResponse):
             outlet.context = contextvars.copy_context()
             while True:
                 handoff = outlet.handoff
-                if handoff is not None:
+                if outlet.behind is not None and handoff is None:
+                    # A run viewer that fell behind: what it missed, from history.
+                    chunks = await host.catch_up(client, outlet)
+                    outlet.sending = True
+                    await _send_chunks(send, chunks)
+                    outlet.sending = False
+                    outlet.last_write = loop.time()
+                    host.sent(len(chunks), sum(map(len, chunks)))
+                elif handoff is not None:
                     # A send the service's writer started and could not finish.
                     outlet.handoff = None
                     outlet.sending = True

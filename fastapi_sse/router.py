@@ -76,6 +76,7 @@ def create_sse_router(
     admin_path: str = "/admin/connections",
     metrics_dependencies: Sequence[params.Depends] | None = None,
     metrics_path: str = "/metrics",
+    runs_path: str | None = "/runs/{run_id}",
     service: SSEService | None = None,
     events: EventTypes | None = None,
     asyncapi_path: str | None = "/asyncapi.json",
@@ -109,6 +110,10 @@ def create_sse_router(
     serves their AsyncAPI 3 document, titled with the app's title and version. Like
     ``/openapi.json`` it is open by default; ``asyncapi_dependencies`` protect it, and
     ``asyncapi_path=None`` leaves it out. Declare the events before building the router.
+
+    ``GET {runs_path}`` streams a run to a viewer (see :mod:`fastapi_sse.runs`) and
+    ``POST {runs_path}/cancel`` asks it to stop; ``authorize`` decides both, with the
+    channel ``run:<run_id>``. ``runs_path=None`` mounts neither.
 
     The router carries the service's lifespan: ``app.include_router(router)`` is all
     it takes. Route names are namespaced (``fastapi_sse:subscribe``).
@@ -200,6 +205,9 @@ def create_sse_router(
                 )
             )
 
+    if runs_path is not None:
+        _mount_runs(router, runs_path, authorize_dep)
+
     if admin_dependencies is not None:
 
         @router.get(
@@ -233,3 +241,50 @@ def create_sse_router(
 
 
 __all__ = ["allow_all", "create_sse_router"]
+
+
+_RUN_DOC: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "The run's `text/event-stream`: its events from the start (or after Last-Event-ID), "
+        "live ones, then the terminal `end` event, and the stream ends.",
+        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+    },
+    204: {"description": "The viewer has seen the whole ended run: an EventSource stops reconnecting."},
+    403: {"description": "The app's authorization refused the run (channel `run:<run_id>`)."},
+    404: {"description": "No such run, or it ended longer ago than run_retention."},
+}
+
+
+def _mount_runs(router: APIRouter, path: str, authorize_dep: Callable[..., Any]) -> None:
+    async def allowed(can_read: Bound, run_id: str) -> None:
+        if not await can_read(channel=f"run:{run_id}"):
+            raise HTTPException(403, f"not allowed to view run {run_id!r}")
+
+    @router.get(
+        path,
+        name="fastapi_sse:run",
+        operation_id="sse_run",
+        response_class=SSEResponse,
+        responses=_RUN_DOC,
+        summary="Follow a run's events",
+        openapi_extra={"parameters": [_LAST_EVENT_ID_HEADER]},
+    )
+    async def view_run(run_id: str, sse: SSEDep, can_read: Annotated[Bound, Depends(authorize_dep)]) -> Response:
+        await allowed(can_read, run_id)
+        return await sse.runs.stream(run_id)
+
+    @router.post(
+        path + "/cancel",
+        name="fastapi_sse:cancel_run",
+        operation_id="sse_cancel_run",
+        status_code=202,
+        responses={404: {"description": "No such run, or it has ended."}},
+        summary="Ask a run to stop",
+    )
+    async def cancel_run(
+        run_id: str, sse: SSEDep, can_read: Annotated[Bound, Depends(authorize_dep)]
+    ) -> dict[str, str]:
+        await allowed(can_read, run_id)
+        if not await sse.runs.cancel(run_id):
+            raise HTTPException(404, f"no running run {run_id!r}")
+        return {"run_id": run_id, "status": "cancelling"}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from operator import attrgetter
 from typing import Any
 
 from fastapi_sse import middleware
@@ -16,13 +17,14 @@ from fastapi_sse._delivery import Fanout
 from fastapi_sse._names import ALL_CHANNEL, GAP_EVENT, new_worker_id
 from fastapi_sse._publishing import Publisher
 from fastapi_sse._registry import Registry
+from fastapi_sse._runs import Runs
 from fastapi_sse._signals import SignalHandlers, end_in_waves
 from fastapi_sse._streams import Streams
 from fastapi_sse._sweep import sweep
 from fastapi_sse._tasks import Tasks
 from fastapi_sse._threads import LoopThread, on_loop
 from fastapi_sse._writer import Writer
-from fastapi_sse.backends import backend_for
+from fastapi_sse.backends import MemoryRunLedger, backend_for
 from fastapi_sse.backends.base import Backend, Publication
 from fastapi_sse.client import DisconnectReason, SSEClient
 from fastapi_sse.errors import ServiceNotRunningError
@@ -37,11 +39,8 @@ EventSpec = tuple[str, str, Any] | tuple[str, str, Any, str | None]
 """One event of :meth:`SSEService.publish_many`: ``(channel, event, data[, id])``."""
 
 
-def _loop_of(service: SSEService) -> LoopThread:
-    return service._threads
-
-
-_hop = on_loop(_loop_of)
+_hop = on_loop(attrgetter("_threads"))
+"""Methods that run on the service's loop, called from any thread."""
 
 
 class SSEService:
@@ -70,6 +69,8 @@ class SSEService:
         self._signals = SignalHandlers()
         self._counters = counters = Counters()
         self._admission = Admission(settings, counters, events)
+        self.events = events
+        """The typed events (:class:`EventTypes`) whose data every publish validates, or None."""
         self._registry = registry = Registry(
             on_first=lambda channel: self._cluster.interest(channel, True),
             on_last=lambda channel: self._cluster.interest(channel, False),
@@ -85,6 +86,12 @@ class SSEService:
             worker_id=self.worker_id, on_overflow=self._fanout.overflow,
         )  # fmt: skip
         self._publisher = Publisher(backend, counters, settings, writer)
+        self.runs = Runs(
+            settings, self._admission, self._publisher, backend, backend.runs or MemoryRunLedger(), registry,
+            worker_id=self.worker_id, open_client=lambda: self.add_client(""), view=self._streams.view_run,
+            spawn=self._tasks.spawn,
+        )  # fmt: skip
+        """Runs: streams of one producer's events that viewers resume (:class:`Runs`)."""
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -98,6 +105,7 @@ class SSEService:
         self._running, self._closing = True, False
         self._tasks.spawn(sweep(self._registry, self.settings))
         self._tasks.spawn(self._writer.run())
+        self._tasks.spawn(self.runs.watch())
         await self._cluster.start(self._tasks.spawn)
 
     async def aclose(self, grace: float = 5.0) -> None:
@@ -112,11 +120,6 @@ class SSEService:
         await self.backend.close()
         self._running = False
         self.restore_signal_handlers()
-
-    @property
-    def events(self) -> EventTypes | None:
-        """The typed events (:class:`EventTypes`) whose data every publish validates, or None."""
-        return self._admission.events
 
     @property
     def running(self) -> bool:

@@ -110,6 +110,32 @@ class SSESettings(BaseSettings):
         gt=0,
         description="Seconds an event stays available for replay.",
     )
+    run_history_size: int = Field(
+        default=10_000,
+        ge=1,
+        description="Events a run keeps for its viewers (its whole output, up to this many).",
+    )
+    run_retention: float = Field(
+        default=3600.0,
+        gt=0,
+        description="Seconds a run stays viewable after its end; its id is not reused meanwhile.",
+    )
+    run_lease: float = Field(
+        default=10.0,
+        gt=0,
+        description=(
+            "Seconds a run's producer holds its run without renewing: if its process dies, the "
+            "run's viewers get its terminal event within about this long."
+        ),
+    )
+    run_poll_interval: float = Field(
+        default=0.5,
+        gt=0,
+        description=(
+            "Seconds between a producer's renewals of its run (which also bring a cancel from "
+            "another worker), and between checks by viewers' workers for producers that died."
+        ),
+    )
     max_buffer_bytes: int = Field(
         default=256 * 1024,
         ge=1024,

@@ -12,7 +12,7 @@ PACKAGE = Path(fastapi_sse.__file__).parent
 TESTS = Path(__file__).parent
 MAX_LINES = 350
 # The facade: the whole public API with its docstrings, each method a few lines.
-MAX_SERVICE_LINES = 370
+MAX_SERVICE_LINES = 375
 
 
 def modules() -> dict[str, Path]:

@@ -84,3 +84,17 @@ def test_every_other_scenario_completes(tmp_path: Path) -> None:
     per_user = report["summary"].get("redis_users", {}).get("20x40", {}).get("median", {})
     for name in per_user:
         assert per_user[name]["lost"] == 0 and per_user[name]["delivered"] == 40
+
+
+def test_the_runs_benchmark_runs_and_reports_every_figure() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.runs", "--viewers", "5", "--tokens", "20", "--repeats", "1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    medians = json.loads(done.stdout.splitlines()[-1])["medians"]
+    assert set(medians) == {"run", "channel", "resume_s", "cancel_s"}
+    assert all(value > 0 for value in medians.values())

@@ -5,8 +5,18 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from fastapi_sse.backends.base import Backend, Coordination, Message, NoCoordination, Publication, Replay, Sink
-from fastapi_sse.backends.memory import MemoryBackend
+from fastapi_sse.backends.base import (
+    Backend,
+    Coordination,
+    Message,
+    NoCoordination,
+    Publication,
+    Replay,
+    RunLedger,
+    RunState,
+    Sink,
+)
+from fastapi_sse.backends.memory import MemoryBackend, MemoryRunLedger
 
 if TYPE_CHECKING:
     from fastapi_sse.settings import SSESettings
@@ -24,4 +34,17 @@ def backend_for(settings: SSESettings) -> Backend:
     raise ValueError(f"unknown backend {settings.backend!r}")  # pragma: no cover
 
 
-__all__ = ["Backend", "Coordination", "MemoryBackend", "Message", "NoCoordination", "Publication", "Replay", "Sink"]
+__all__ = [
+    "Backend",
+    "Coordination",
+    "MemoryBackend",
+    "MemoryRunLedger",
+    "Message",
+    "NoCoordination",
+    "Publication",
+    "Replay",
+    "RunLedger",
+    "RunState",
+    "Sink",
+    "backend_for",
+]

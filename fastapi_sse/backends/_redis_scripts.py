@@ -32,6 +32,13 @@ INIT = _source("counter", "init")
 PUBLISH = _source("sweep", "counter", "id_index", "publish")
 REPLAY = _source("sweep", "replay")
 CLAIM = _source("claim")
+RUN_SCRIPTS = {
+    "begin": _source("sweep", "run_begin"),
+    "renew": _source("sweep", "run_renew"),
+    "state": _source("sweep", "run_state"),
+    "cancel": _source("run_cancel"),
+    "end": _source("run_end"),
+}
 
 
 class Scripts:
@@ -43,7 +50,7 @@ class Scripts:
         self.replay: AsyncScript = client.register_script(REPLAY)
 
 
-_HEADER = struct.Struct(">BHHHIHH")
+_HEADER = struct.Struct(">BHHHIHHI")
 _LENGTH = struct.Struct(">H")
 """How the events of a script call are packed into one argument (see ``lua/publish.lua``)."""
 
@@ -118,14 +125,23 @@ class PublishCalls:
                     keys.append(backlog)
                     position = positions[backlog] = len(keys)
             if p.event_id is None:
-                header = _HEADER.pack(p.store, position, len(name), 0, len(p.payload), len(route_bytes), 0)
+                header = _HEADER.pack(
+                    p.store, position, len(name), 0, len(p.payload), len(route_bytes), 0, p.history or 0
+                )
                 parts += (header, name, p.payload, route_bytes)
                 continue
             event_id = p.event_id.encode()
             # The channels the id resolves through (see Backend.publish), each once.
             indexed = [c.encode() for c in dict.fromkeys([channel, *p.index] if p.store else p.index)]
             header = _HEADER.pack(
-                p.store, position, len(name), len(event_id), len(p.payload), len(route_bytes), len(indexed)
+                p.store,
+                position,
+                len(name),
+                len(event_id),
+                len(p.payload),
+                len(route_bytes),
+                len(indexed),
+                p.history or 0,
             )
             parts += (header, name, event_id, p.payload, route_bytes)
             for c in indexed:

@@ -63,6 +63,9 @@ class Publication:
     """Keep it in the channel's history (False for events to one client)."""
     index: Collection[str] = ()
     """More channels the id resolves through, as ``index`` of :meth:`Backend.publish`."""
+    history: int | None = None
+    """Events the channel's history keeps once this one is stored, instead of the
+    backend's own size (a run keeps all its events), as in :meth:`Backend.publish`."""
     key: int = field(default_factory=_next_publication_key)
     """Unique in this process, drawn once when the event is queued. A batch sent again
     after a failure carries the same keys, so a backend can recognise what it stored."""
@@ -98,6 +101,10 @@ class Backend(ABC):
     coordination: Coordination | None = None
     """What makes the workers sharing this backend one service; None for one process."""
 
+    runs: RunLedger | None = None
+    """The state of runs (who produces each, whether it ended or must stop), shared by
+    the workers; None to keep it in this process."""
+
     errors: int = 0
     """Failures the backend handled itself without raising to the service (e.g. a
     lost subscription connection); the service counts those that reach it. Exported
@@ -125,11 +132,20 @@ class Backend(ABC):
 
     @abstractmethod
     async def publish(
-        self, channel: str, payload: bytes, event_id: str | None, *, store: bool, index: Collection[str] = ()
+        self,
+        channel: str,
+        payload: bytes,
+        event_id: str | None,
+        *,
+        store: bool,
+        index: Collection[str] = (),
+        history: int | None = None,
     ) -> Message:
         """Assign the next sequence number, keep the message in the channel's history
         if ``store``, and deliver it to every process listening to ``channel``; storing
-        and announcing are one atomic step.
+        and announcing are one atomic step. ``history`` (when given) is how many events
+        the channel's history keeps once this one is stored, instead of the backend's
+        own size.
 
         A publisher's ``event_id`` is indexed for :meth:`resolve` under ``channel``
         when the message is stored, and under every channel of ``index``: for a
@@ -143,12 +159,22 @@ class Backend(ABC):
         round trip); a batch sent again with the same :attr:`Publication.key` values
         after a failure must not be stored twice. On error, a prefix of the batch may
         have been published."""
-        return [
-            await self.publish(p.channel, p.payload, p.event_id, store=p.store, index=p.index) for p in publications
-        ]
+        messages = []
+        for p in publications:
+            # ``history`` only when set: a backend written before it keeps working.
+            extra = {} if p.history is None else {"history": p.history}
+            messages.append(await self.publish(p.channel, p.payload, p.event_id, store=p.store, index=p.index, **extra))
+        return messages
 
     def publish_nowait(
-        self, channel: str, payload: bytes, event_id: str | None, *, store: bool, index: Collection[str] = ()
+        self,
+        channel: str,
+        payload: bytes,
+        event_id: str | None,
+        *,
+        store: bool,
+        index: Collection[str] = (),
+        history: int | None = None,
     ) -> Message | None:
         """Publish synchronously when the backend can (in-process ones); None otherwise."""
         return None
@@ -235,4 +261,59 @@ class NoCoordination(Coordination):
         return None
 
 
-__all__ = ["Backend", "Coordination", "Message", "NoCoordination", "Publication", "Replay", "Sink"]
+@dataclass(frozen=True, slots=True)
+class RunState:
+    """A run as :class:`RunLedger` knows it."""
+
+    live: bool
+    """Its producer holds the lease (it renewed it within the lease's time)."""
+    ended: bool
+    """Its terminal event was claimed: by its producer, or for it once the lease lapsed."""
+    cancelled: bool
+    """Someone asked it to stop."""
+    first: int = 0
+    """The sequence number its events come after (the head when it began)."""
+
+
+class RunLedger(ABC):
+    """Who produces each run, and whether it ended or was asked to stop: shared by
+    every worker of a backend, so that a viewer anywhere knows when a run's producer
+    died and a cancel from anywhere reaches it. A run's id is held from
+    :meth:`begin` until ``retain`` seconds after its end."""
+
+    @abstractmethod
+    async def begin(self, run_id: str, owner: str, *, first: int, lease: float, retain: float) -> bool:
+        """Take ``run_id`` for a new run produced by ``owner``, whose events come after
+        sequence number ``first``, holding the lease for ``lease`` seconds; False when
+        the id is in use or still retained."""
+
+    @abstractmethod
+    async def renew(self, run_id: str, owner: str, *, lease: float) -> RunState | None:
+        """Extend the lease of ``owner``'s run; its state (``live`` False when the lease
+        is no longer ``owner``'s), or None when the ledger lost the run."""
+
+    @abstractmethod
+    async def cancel(self, run_id: str) -> bool:
+        """Ask a run to stop; True when it had not ended."""
+
+    @abstractmethod
+    async def end(self, run_id: str, *, retain: float) -> bool:
+        """Claim a run's end, keeping its id ``retain`` seconds more; True for the one
+        call that ends it (the caller then publishes its terminal event)."""
+
+    @abstractmethod
+    async def state(self, run_id: str) -> RunState | None:
+        """A run's state, or None when the id is unknown (never begun, or forgotten)."""
+
+
+__all__ = [
+    "Backend",
+    "Coordination",
+    "Message",
+    "NoCoordination",
+    "Publication",
+    "Replay",
+    "RunLedger",
+    "RunState",
+    "Sink",
+]

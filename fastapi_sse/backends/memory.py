@@ -7,7 +7,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Collection, Sequence
 
-from fastapi_sse.backends.base import Backend, Message, Publication, Replay, Sink
+from fastapi_sse.backends.base import Backend, Message, Publication, Replay, RunLedger, RunState, Sink
 
 # Index entries kept apart from the history: ids of events for one client, and ids
 # whose events are gone (each for one TTL).
@@ -41,6 +41,7 @@ class MemoryBackend(Backend):
         self._ttl = history_ttl
         self._seq = 0
         self._sink: Sink | None = None
+        self.runs = MemoryRunLedger()
         self._expiry: asyncio.TimerHandle | None = None
         self._history: dict[str, _History] = {}
         self._ids: dict[_IdKey, list[int]] = {}
@@ -81,39 +82,60 @@ class MemoryBackend(Backend):
         return None
 
     async def publish(
-        self, channel: str, payload: bytes, event_id: str | None, *, store: bool, index: Collection[str] = ()
+        self,
+        channel: str,
+        payload: bytes,
+        event_id: str | None,
+        *,
+        store: bool,
+        index: Collection[str] = (),
+        history: int | None = None,
     ) -> Message:
-        return self.publish_nowait(channel, payload, event_id, store=store, index=index)
+        return self.publish_nowait(channel, payload, event_id, store=store, index=index, history=history)
 
     async def publish_many(self, publications: Sequence[Publication]) -> list[Message]:
         """Publish the whole batch in order without suspending: nothing else runs
         between two of its events (each goes through :meth:`publish`)."""
         publish = self.publish
-        return [await publish(p.channel, p.payload, p.event_id, store=p.store, index=p.index) for p in publications]
+        messages = []
+        for p in publications:
+            # ``history`` only when set, as Backend.publish_many passes it.
+            extra = {} if p.history is None else {"history": p.history}
+            messages.append(await publish(p.channel, p.payload, p.event_id, store=p.store, index=p.index, **extra))
+        return messages
 
     def publish_nowait(
-        self, channel: str, payload: bytes, event_id: str | None, *, store: bool, index: Collection[str] = ()
+        self,
+        channel: str,
+        payload: bytes,
+        event_id: str | None,
+        *,
+        store: bool,
+        index: Collection[str] = (),
+        history: int | None = None,
     ) -> Message:
         self._seq += 1
         message = Message(self._seq, channel, event_id or str(self._seq), payload)
         if store:
-            history = self._history.get(channel)
-            if history is None:
-                history = self._history[channel] = _History()
+            log = self._history.get(channel)
+            if log is None:
+                log = self._history[channel] = _History()
                 if self._marks:
-                    history.trimmed_upto = self._marks.pop(channel, (0.0, 0))[1]
-            if self._size:
-                history.entries.append((time.monotonic(), message))
+                    log.trimmed_upto = self._marks.pop(channel, (0.0, 0))[1]
+            cap = self._size if history is None else history
+            if cap:
+                log.entries.append((time.monotonic(), message))
                 if event_id is not None:
                     self._index((channel, event_id), message.seq)
-                if len(history.entries) > self._size:
-                    self._drop_oldest(history)
+                if len(log.entries) > cap:
+                    self._drop_oldest(log)
             else:
-                history.trimmed_upto = message.seq
-                history.kept_until = time.monotonic() + self._ttl
+                log.trimmed_upto = message.seq
+                log.kept_until = time.monotonic() + self._ttl
         if event_id is not None and index:
             # The channel itself is indexed with the history, which unindexes it.
-            keys = tuple((c, event_id) for c in dict.fromkeys(index) if not (store and self._size and c == channel))
+            stored = store and (self._size if history is None else history) > 0
+            keys = tuple((c, event_id) for c in dict.fromkeys(index) if not (stored and c == channel))
             for key in keys:
                 self._index(key, message.seq)
             if keys:
@@ -221,4 +243,76 @@ class MemoryBackend(Backend):
             self._unindex((message.channel, message.id))
 
 
-__all__ = ["MemoryBackend"]
+class _Run:
+    __slots__ = ("cancelled", "ended", "expires", "first", "lease_until", "owner")
+
+    def __init__(self, owner: str, lease_until: float, expires: float, first: int = 0) -> None:
+        self.owner = owner
+        self.first = first
+        self.lease_until = lease_until
+        self.expires = expires
+        self.ended = False
+        self.cancelled = False
+
+
+class MemoryRunLedger(RunLedger):
+    """Runs' state in this process: for one worker, or a backend that keeps none."""
+
+    def __init__(self) -> None:
+        self._runs: dict[str, _Run] = {}
+
+    def _get(self, run_id: str) -> _Run | None:
+        run = self._runs.get(run_id)
+        if run is not None and run.expires <= time.monotonic():
+            del self._runs[run_id]
+            return None
+        return run
+
+    async def begin(self, run_id: str, owner: str, *, first: int, lease: float, retain: float) -> bool:
+        if self._get(run_id) is not None:
+            return False
+        now = time.monotonic()
+        # Retained while it runs: the lease's renewals push the end of retention too.
+        self._runs[run_id] = _Run(owner, now + lease, now + lease + retain, first)
+        return True
+
+    async def renew(self, run_id: str, owner: str, *, lease: float) -> RunState | None:
+        run = self._get(run_id)
+        if run is None:
+            return None
+        now = time.monotonic()
+        if run.owner == owner and not run.ended:
+            run.lease_until = now + lease
+            run.expires = max(run.expires, now + lease)
+        return self._state(run, now)
+
+    async def cancel(self, run_id: str) -> bool:
+        run = self._get(run_id)
+        if run is None or run.ended:
+            return False
+        run.cancelled = True
+        return True
+
+    async def end(self, run_id: str, *, retain: float) -> bool:
+        run = self._get(run_id)
+        now = time.monotonic()
+        if run is None:
+            run = self._runs[run_id] = _Run("", now, now + retain)
+        elif run.ended:
+            return False
+        run.ended = True
+        run.lease_until = now
+        run.expires = now + retain
+        return True
+
+    async def state(self, run_id: str) -> RunState | None:
+        run = self._get(run_id)
+        return None if run is None else self._state(run, time.monotonic())
+
+    @staticmethod
+    def _state(run: _Run, now: float) -> RunState:
+        live = not run.ended and run.lease_until > now
+        return RunState(live=live, ended=run.ended, cancelled=run.cancelled, first=run.first)
+
+
+__all__ = ["MemoryBackend", "MemoryRunLedger"]

@@ -41,6 +41,7 @@ from fastapi_sse.backends._redis_connection import (
 from fastapi_sse.backends._redis_coordination import RedisCoordination
 from fastapi_sse.backends._redis_keys import Keys
 from fastapi_sse.backends._redis_listener import Listener
+from fastapi_sse.backends._redis_runs import RedisRunLedger
 from fastapi_sse.backends._redis_scripts import (
     Call,
     PublishCalls,
@@ -103,6 +104,8 @@ class RedisBackend(Backend):
         self._scripts: Scripts | None = None
         self._coordination = RedisCoordination(self._keys, redact(url))
         self.coordination = self._coordination
+        self._runs = RedisRunLedger(key_prefix, redact(url))
+        self.runs = self._runs
         self._listener = Listener(
             self._keys,
             where=redact(url),
@@ -172,6 +175,7 @@ class RedisBackend(Backend):
         self._blocking = open_publishing_pool(self.url, max_connections=self.max_connections, timeout=self.timeout)
         self._token_prefix = uuid.uuid4().hex[:12] + ":"
         self._coordination.attach(client)
+        self._runs.attach(client)
         try:
             await self._listener.start(subscriber, client, scripts.init, sink, head)
         except Exception:
@@ -185,6 +189,7 @@ class RedisBackend(Backend):
             self._blocking.close()
             self._redis = self._scripts = None
             self._coordination.detach()
+            self._runs.detach()
         self._listener.detach()
 
     # -- subscriptions -----------------------------------------------------------------
@@ -210,9 +215,16 @@ class RedisBackend(Backend):
         return self._scripts
 
     async def publish(
-        self, channel: str, payload: bytes, event_id: str | None, *, store: bool, index: Collection[str] = ()
+        self,
+        channel: str,
+        payload: bytes,
+        event_id: str | None,
+        *,
+        store: bool,
+        index: Collection[str] = (),
+        history: int | None = None,
     ) -> Message:
-        return (await self.publish_many([Publication(channel, payload, event_id, store, index)]))[0]
+        return (await self.publish_many([Publication(channel, payload, event_id, store, index, history)]))[0]
 
     async def publish_many(self, publications: Sequence[Publication]) -> list[Message]:
         """Store and announce a batch in one round trip: one script call per at most

@@ -8,6 +8,7 @@ run several of these on one Redis with ``SSE_BACKEND=redis``.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -58,3 +59,25 @@ async def local(sse: SSEDep) -> dict[str, Any]:
         "pending_publishes": stats.pending_publishes,
         "disconnects": stats.disconnects,
     }
+
+
+@app.post("/runs")
+async def start_run(sse: SSEDep, count: int, pace: float = 0.0, run_id: str | None = None) -> dict[str, str]:
+    """Start a run producing ``count`` tokens, one every ``pace`` seconds (``count=0``:
+    until cancelled), in a task of this worker."""
+    run = await sse.runs.open(run_id)
+
+    async def produce() -> None:
+        async with run:
+            n = 0
+            while count == 0 or n < count:
+                await run.send("token", {"n": n})
+                n += 1
+                await asyncio.sleep(pace)
+            await run.finish({"tokens": n})
+
+    _producers.add(asyncio.get_running_loop().create_task(produce()))
+    return {"run_id": run.id}
+
+
+_producers: set[asyncio.Task[None]] = set()

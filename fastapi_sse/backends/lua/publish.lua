@@ -21,9 +21,10 @@
 -- ARGV[4] token TTL in ms, ARGV[5] the number of events, ARGV[6] the number of token
 -- keys to delete, ARGV[7] the events, ARGV[8] the prefix of history keys (a
 -- channel's is the prefix and its name).
--- The events: for each, a header (struct '>BHHHIHH': store, the position in KEYS of
+-- The events: for each, a header (struct '>BHHHIHHI': store, the position in KEYS of
 -- its worker backlog (one client's events) or 0, then the lengths of channel, id,
--- payload and pubsub channel, and the number of channels its id is indexed under),
+-- payload and pubsub channel, the number of channels its id is indexed under, and
+-- the events its channel's history keeps, 0 for the history size of ARGV[1]),
 -- those four strings, then each indexed channel as a '>H' length and its bytes.
 --
 -- Returns the first seq of the batch.
@@ -49,8 +50,9 @@ local histories, history_order, backlogs, backlog_order = {}, {}, {}, {}
 local pos = 1
 local sub, unpack_header = string.sub, struct.unpack
 for seq = first, first + n - 1 do
-  local store, key, cl, il, pl, rl, indexed
-  store, key, cl, il, pl, rl, indexed, pos = unpack_header('>BHHHIHH', blob, pos)
+  local store, key, cl, il, pl, rl, indexed, keep
+  store, key, cl, il, pl, rl, indexed, keep, pos = unpack_header('>BHHHIHHI', blob, pos)
+  if keep == 0 then keep = size end
   local channel = sub(blob, pos, pos + cl - 1)
   local id = sub(blob, pos + cl, pos + cl + il - 1)
   pos = pos + cl + il
@@ -58,10 +60,10 @@ for seq = first, first + n - 1 do
   local route = sub(blob, pos + pl, pos + pl + rl - 1)
   pos = pos + pl + rl
   local sseq = string.format('%d', seq)
-  if store == 1 and size > 0 then
+  if store == 1 and keep > 0 then
     local h = histories[channel]
     if h == nil then
-      h = {channel = channel, members = {}}
+      h = {channel = channel, members = {}, keep = keep}
       histories[channel] = h
       table.insert(history_order, channel)
     end
@@ -70,6 +72,7 @@ for seq = first, first + n - 1 do
     table.insert(h.members, seq)
     table.insert(h.members, sseq .. ':' .. snow .. ':' .. #eid .. ':' .. eid .. payload)
     h.last = sseq
+    h.keep = keep
   end
   -- Ids of events kept out of history (send_to) are indexed too, under the channels
   -- their recipient reads: a client that resumes from one is at a known position.
@@ -124,10 +127,10 @@ if #history_order > 0 then
   for _, channel in ipairs(history_order) do
     local h, hist = histories[channel], history_prefix .. channel
     redis.call('ZADD', hist, unpack(h.members))
-    local count = redis.call('ZCARD', hist)
-    if count > size then
-      local cut = redis.call('ZRANGE', hist, count - size - 1, count - size - 1, 'WITHSCORES')
-      redis.call('ZREMRANGEBYRANK', hist, 0, count - size - 1)
+    local count, keep = redis.call('ZCARD', hist), h.keep
+    if count > keep then
+      local cut = redis.call('ZRANGE', hist, count - keep - 1, count - keep - 1, 'WITHSCORES')
+      redis.call('ZREMRANGEBYRANK', hist, 0, count - keep - 1)
       redis.call('HSET', k_trim, h.channel, cut[2])
     end
     redis.call('PEXPIRE', hist, ttl)
