@@ -209,15 +209,27 @@ def test_collaboration_checks_access_and_broadcasts_joins_and_changes(http: http
             assert denied.status_code == 403
 
 
-def test_progress_updates_from_a_background_job(http: httpx.Client) -> None:
-    with serve(progress.app) as served, open_stream(f"{served.url}/subscribe", headers=as_user("alice")) as s:
+def test_progress_updates_from_a_background_job_are_a_run(http: httpx.Client) -> None:
+    with serve(progress.app) as served:
         started = http.post(f"{served.url}/process", json={"data": ["a", "b"]}, headers=as_user("alice"))
+        assert started.status_code == 202
         task_id = started.json()["taskId"]
-        assert [(e.event, data(e)) for e in s.until_event("taskComplete")] == [
+        url = f"{served.url}/runs/{task_id}"
+        with open_stream(url, headers=as_user("alice"), opened=False) as s:
+            events = s.rest()
+        assert [(e.event, data(e)) for e in events] == [
             ("taskProgress", {"taskId": task_id, "current": 1, "total": 2, "percent": 50}),
             ("taskProgress", {"taskId": task_id, "current": 2, "total": 2, "percent": 100}),
-            ("taskComplete", {"taskId": task_id, "result": "success"}),
+            ("end", {"status": "done", "result": {"processed": 2}}),
         ]
+        # A reloaded page resumes from its last event: exactly the rest, then 204 at the end.
+        with open_stream(url, headers={**as_user("alice"), "Last-Event-ID": events[0].id}, opened=False) as again:
+            assert [e.id for e in again.rest()] == [e.id for e in events[1:]]
+        assert http.get(url, headers={**as_user("alice"), "Last-Event-ID": events[-1].id}).status_code == 204
+        # Nobody else follows or stops alice's task.
+        assert http.get(url, headers=as_user("bob")).status_code == 403
+        assert http.post(url + "/cancel", headers=as_user("bob")).status_code == 403
+        assert http.get(url).status_code == 401
 
 
 def test_message_format_is_exactly_the_documented_frame() -> None:
