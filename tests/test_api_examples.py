@@ -24,6 +24,7 @@ from docs.examples import (
     connection_stats,
     dashboard,
     disconnect,
+    llm_runs,
     message_format,
     notifications,
     progress,
@@ -230,6 +231,25 @@ def test_progress_updates_from_a_background_job_are_a_run(http: httpx.Client) ->
         assert http.get(url, headers=as_user("bob")).status_code == 403
         assert http.post(url + "/cancel", headers=as_user("bob")).status_code == 403
         assert http.get(url).status_code == 401
+
+
+def test_an_llm_answer_as_a_run_is_stopped_from_anywhere(http: httpx.Client) -> None:
+    with serve(llm_runs.app) as served:
+        long_prompt = " ".join(f"word{i}" for i in range(200))  # about 10 s of tokens
+        run_id = http.post(f"{served.url}/chat", json={"prompt": long_prompt}).json()["run_id"]
+        with open_stream(f"{served.url}/runs/{run_id}", opened=False) as viewer:
+            assert viewer.next_event().event == "token"
+            with open_stream(f"{served.url}/chat/{run_id}/events", opened=False) as own:
+                assert data(own.next_event()) == {"text": "You "}  # from the start
+                assert http.post(f"{served.url}/chat/{run_id}/stop").json() == {"stopping": True}
+                own_rest = own.rest()
+            rest = viewer.rest()
+        for events in (rest, own_rest):
+            assert (events[-1].event, data(events[-1])) == ("end", {"status": "cancelled"})
+            assert {e.event for e in events[:-1]} <= {"token"}
+        assert len(rest) < 200
+        assert http.post(f"{served.url}/runs/{run_id}/cancel").status_code == 404
+        assert http.post(f"{served.url}/chat/{run_id}/stop").json() == {"stopping": False}
 
 
 def test_message_format_is_exactly_the_documented_frame() -> None:

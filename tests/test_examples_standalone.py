@@ -103,6 +103,16 @@ def progress_is_a_run_to_its_end(http: httpx.Client, url: str, events: list[Any]
     assert again.status_code == 204
 
 
+def llm_answer_is_whole_and_the_own_route_agrees(http: httpx.Client, url: str, events: list[Any]) -> None:
+    answer = "".join(json.loads(e.data)["text"] for e in events[:-1])
+    assert answer == "You said: what is a run? "
+    assert json.loads(events[-1].data) == {"status": "done", "result": {"text": answer}}
+    run_id = http.post(f"{url}/chat", json={"prompt": "again"}).json()["run_id"]
+    with open_stream(f"{url}/chat/{run_id}/events", opened=False) as own:
+        rest = own.rest()
+    assert [e.event for e in rest] == ["token"] * 3 + ["end"]
+
+
 def message_format_is_exact(http: httpx.Client, url: str, events: list[Any]) -> None:
     assert (events[0].id, json.loads(events[0].data)) == ("msg-123", {"message": "Hello"})
 
@@ -146,6 +156,13 @@ EXAMPLE_RUNS: dict[str, Example] = {
         "/dashboard/live", post("/orders", json={"total": 9.5, "customer_name": "Ada"}), ["initialData", "newOrder"]
     ),
     "disconnect.py": Example("/subscribe?channel=a", publish("a", "ping"), ["ping"], publisher=True),
+    "llm_runs.py": Example(
+        "/runs/{run_id}",
+        post("/chat", json={"prompt": "what is a run?"}),
+        ["token"] * 6 + ["end"],
+        follow=lambda started: f"/runs/{started['run_id']}",
+        check=llm_answer_is_whole_and_the_own_route_agrees,
+    ),
     "message_format.py": Example(
         "/hello", lambda http, url: None, ["notification"], check=message_format_is_exact, private=("notification",)
     ),
