@@ -30,6 +30,7 @@ from example_app.events import events
 from example_app.store import Store
 from fastapi_sse import (
     InvalidEventError,
+    Run,
     ServiceNotRunningError,
     SSEClient,
     SSEDep,
@@ -120,9 +121,14 @@ def user_channels(request: Request) -> list[str]:
 
 
 def can_access_channel(request: Request, channel: str) -> bool:
+    """Also decides the router's run routes (channel ``run:<run_id>``): a user may view
+    and stop only their own runs, whose ids start with their name (``alice.<hex>``)."""
     user = current_user(request)
     if channel.startswith("user:"):
         return channel == f"user:{user}"
+    if channel.startswith("run:"):
+        # User names are letters and digits only: "al." never prefixes "alice."'s runs.
+        return channel.startswith(f"run:{user}.")
     return channel in DASHBOARD_CHANNELS or DOCUMENT_CHANNEL.fullmatch(channel) is not None
 
 
@@ -169,6 +175,10 @@ class TaskIn(BaseModel):
     items: int = Field(10, ge=1, le=1000)
 
 
+class PromptIn(BaseModel):
+    prompt: str = Field(min_length=1, max_length=2000)
+
+
 class PublishIn(BaseModel):
     channel: str
     event: str
@@ -210,6 +220,35 @@ async def run_task(sse: SSEService, user: str, task_id: str, items: int, step: f
     sse.broadcast(f"user:{user}", "taskComplete", {"taskId": task_id, "result": "success"})
 
 
+def canned_answer(prompt: str) -> str:
+    """What the fake model says: made up from the prompt, always the same for it."""
+    topic = " ".join(prompt.split()[:12])
+    return (
+        f"You asked: {topic}. This is a made-up answer, streamed one word at a time the way "
+        "a language model streams its tokens. Each word is an event of a run, kept so that a "
+        "page reloaded mid-answer resumes where it left off, and a last event says how the run ended."
+    )
+
+
+def answer_tokens(prompt: str) -> list[str]:
+    """The answer cut into tokens (words and the space after them): they join back into it."""
+    return re.findall(r"\S+\s*", canned_answer(prompt))
+
+
+async def fake_model(run: Run, prompt: str, interval: float) -> None:
+    """The producer: one ``token`` event every ``interval`` seconds, then the full text as
+    the run's result. A stop (``POST /sse/runs/<id>/cancel``) makes the next ``send``
+    raise, and leaving the ``async with`` ends the run as ``cancelled``."""
+    with contextlib.suppress(ServiceNotRunningError):  # the server shutting down mid-answer
+        async with run:
+            text = ""
+            for token in answer_tokens(prompt):
+                await asyncio.sleep(interval)  # stands in for the model computing a token
+                await run.send("token", {"text": token})
+                text += token
+            await run.finish({"text": text})
+
+
 # -- the app ----------------------------------------------------------------------------
 
 
@@ -219,9 +258,13 @@ def create_app(
     admin_token: str | None = None,
     stats_interval: float = 30.0,
     task_step: float = 0.3,
+    token_interval: float | None = None,
 ) -> FastAPI:
     """Build the example app. ``settings=None`` reads ``SSE_*`` variables at startup;
-    ``admin_token=None`` reads ``EXAMPLE_ADMIN_TOKEN``."""
+    ``admin_token=None`` reads ``EXAMPLE_ADMIN_TOKEN``; ``token_interval=None`` reads
+    ``EXAMPLE_TOKEN_INTERVAL`` (seconds between the assistant's tokens, 0.05 by default)."""
+    interval = token_interval if token_interval is not None else float(os.environ.get("EXAMPLE_TOKEN_INTERVAL", "0.05"))
+    producers: set[asyncio.Task[None]] = set()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -229,9 +272,11 @@ def create_app(
         try:
             yield
         finally:
-            ticker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await ticker
+            for task in (ticker, *producers):
+                task.cancel()
+            for task in (ticker, *producers):
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     app = FastAPI(title="fastapi-sse-channels example", lifespan=lifespan)
     app.state.store = Store()
@@ -327,6 +372,16 @@ def create_app(
         task_id = str(uuid.uuid4())
         jobs.add_task(run_task, sse, user, task_id, body.items, task_step)
         return {"taskId": task_id}
+
+    @app.post("/api/assistant", status_code=202)
+    async def ask_assistant(body: PromptIn, sse: SSEDep, user: CurrentUser) -> dict[str, str]:
+        # The run's id names its user: can_access_channel lets only them view or stop it.
+        run = await sse.runs.open(f"{user}.{uuid.uuid4().hex}")
+        # Not BackgroundTasks: the answer outlives this request, and a stop ends it early.
+        task = asyncio.create_task(fake_model(run, body.prompt, interval))
+        producers.add(task)
+        task.add_done_callback(producers.discard)
+        return {"runId": run.id}
 
     @app.post("/admin/publish", dependencies=[Depends(require_admin)])
     async def admin_publish(body: PublishIn, sse: SSEDep) -> dict[str, str]:

@@ -1,14 +1,14 @@
 """Runs: one producer's stream of events (an LLM's tokens, a job's progress) that any
 number of viewers follow, from its start or from where they left, to its end.
 
-A producer opens a run (:meth:`SSEService.open_run`) and sends events to it; viewers
-open its stream (:meth:`SSEService.stream_run`, or the router's run route) on any
+A producer opens a run (``sse.runs.open()``, :meth:`Runs.open`) and sends events to it; viewers
+open its stream (:meth:`Runs.stream`, or the router's run route) on any
 worker. Viewers coming and going never touch the producer. Every run ends with one
 terminal event, ``end``, whose data says how it ended::
 
     {"status": "done", "result": ...}        finish()
     {"status": "failed", "error": "..."}     fail(), or the producer raised
-    {"status": "cancelled"}                  cancel_run() from anywhere
+    {"status": "cancelled"}                  sse.runs.cancel() from anywhere
     {"status": "lost"}                       the producer's process died (its lease lapsed)
 
 After ``end`` the viewer's stream closes; a viewer that reconnects after it is told
@@ -33,12 +33,12 @@ class RunHost(Protocol):
 
 
 class Run:
-    """The producer's side of a run, as :meth:`SSEService.open_run` returns it.
+    """The producer's side of a run, as :meth:`Runs.open` returns it.
 
     Use it as an async context manager: leaving the block finishes the run (with
     ``finish()``), an exception fails it, and a cancel ends it as ``cancelled``::
 
-        async with await sse.open_run() as run:
+        async with await sse.runs.open() as run:
             async for token in model.generate(prompt):
                 await run.send("token", token)
     """
@@ -54,7 +54,7 @@ class Run:
 
     @property
     def cancelled(self) -> bool:
-        """Whether someone asked the run to stop (:meth:`SSEService.cancel_run`)."""
+        """Whether someone asked the run to stop (:meth:`Runs.cancel`)."""
         return self._cancelled
 
     @property

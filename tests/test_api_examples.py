@@ -25,6 +25,7 @@ from docs.examples import (
     connection_stats,
     dashboard,
     disconnect,
+    llm_runs,
     message_format,
     notifications,
     progress,
@@ -211,15 +212,46 @@ def test_collaboration_checks_access_and_broadcasts_joins_and_changes(http: http
             assert denied.status_code == 403
 
 
-def test_progress_updates_from_a_background_job(http: httpx.Client) -> None:
-    with serve(progress.app) as served, open_stream(f"{served.url}/subscribe", headers=as_user("alice")) as s:
+def test_progress_updates_from_a_background_job_are_a_run(http: httpx.Client) -> None:
+    with serve(progress.app) as served:
         started = http.post(f"{served.url}/process", json={"data": ["a", "b"]}, headers=as_user("alice"))
+        assert started.status_code == 202
         task_id = started.json()["taskId"]
-        assert [(e.event, data(e)) for e in s.until_event("taskComplete")] == [
+        url = f"{served.url}/runs/{task_id}"
+        with open_stream(url, headers=as_user("alice"), opened=False) as s:
+            events = s.rest()
+        assert [(e.event, data(e)) for e in events] == [
             ("taskProgress", {"taskId": task_id, "current": 1, "total": 2, "percent": 50}),
             ("taskProgress", {"taskId": task_id, "current": 2, "total": 2, "percent": 100}),
-            ("taskComplete", {"taskId": task_id, "result": "success"}),
+            ("end", {"status": "done", "result": {"processed": 2}}),
         ]
+        # A reloaded page resumes from its last event: exactly the rest, then 204 at the end.
+        with open_stream(url, headers={**as_user("alice"), "Last-Event-ID": events[0].id}, opened=False) as again:
+            assert [e.id for e in again.rest()] == [e.id for e in events[1:]]
+        assert http.get(url, headers={**as_user("alice"), "Last-Event-ID": events[-1].id}).status_code == 204
+        # Nobody else follows or stops alice's task.
+        assert http.get(url, headers=as_user("bob")).status_code == 403
+        assert http.post(url + "/cancel", headers=as_user("bob")).status_code == 403
+        assert http.get(url).status_code == 401
+
+
+def test_an_llm_answer_as_a_run_is_stopped_from_anywhere(http: httpx.Client) -> None:
+    with serve(llm_runs.app) as served:
+        long_prompt = " ".join(f"word{i}" for i in range(200))  # about 10 s of tokens
+        run_id = http.post(f"{served.url}/chat", json={"prompt": long_prompt}).json()["run_id"]
+        with open_stream(f"{served.url}/runs/{run_id}", opened=False) as viewer:
+            assert viewer.next_event().event == "token"
+            with open_stream(f"{served.url}/chat/{run_id}/events", opened=False) as own:
+                assert data(own.next_event()) == {"text": "You "}  # from the start
+                assert http.post(f"{served.url}/chat/{run_id}/stop").json() == {"stopping": True}
+                own_rest = own.rest()
+            rest = viewer.rest()
+        for events in (rest, own_rest):
+            assert (events[-1].event, data(events[-1])) == ("end", {"status": "cancelled"})
+            assert {e.event for e in events[:-1]} <= {"token"}
+        assert len(rest) < 200
+        assert http.post(f"{served.url}/runs/{run_id}/cancel").status_code == 404
+        assert http.post(f"{served.url}/chat/{run_id}/stop").json() == {"stopping": False}
 
 
 def test_message_format_is_exactly_the_documented_frame() -> None:

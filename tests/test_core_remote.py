@@ -80,10 +80,17 @@ class LoopbackBackend(Backend):
         self.listening.difference_update(channels)
 
     async def publish(
-        self, channel: str, payload: bytes, event_id: str | None, *, store: bool, index: Collection[str] = ()
+        self,
+        channel: str,
+        payload: bytes,
+        event_id: str | None,
+        *,
+        store: bool,
+        index: Collection[str] = (),
+        history: int | None = None,
     ) -> Message:
         self.check()
-        message = self.hub.store.publish_nowait(channel, payload, event_id, store=store, index=index)
+        message = self.hub.store.publish_nowait(channel, payload, event_id, store=store, index=index, history=history)
         for backend in list(self.hub.backends):
             if channel in backend.listening and backend.loop is not None and backend.sink is not None:
                 backend.loop.call_soon_threadsafe(backend.sink.deliver, message)

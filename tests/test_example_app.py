@@ -16,7 +16,7 @@ from helpers.redis import RedisServer
 from helpers.servers import Served, serve, serve_process
 from helpers.streams import Stream, open_stream
 
-from example_app.main import create_app
+from example_app.main import answer_tokens, canned_answer, create_app
 
 TOKEN = "test-admin-token"
 PAGE_CHANNELS = ["dashboard:stats", "dashboard:orders", "dashboard:alerts", "document:welcome"]
@@ -40,12 +40,19 @@ PAGE_IDS = [
     "new-order",
     "edit-document",
     "start-task",
+    "assistant-form",
+    "prompt",
+    "ask",
+    "stop",
+    "assistant-answer",
+    "assistant-status",
 ]
 
 
 @pytest.fixture
 def served() -> Iterator[Served]:
-    with serve(create_app(fast_settings(), admin_token=TOKEN, stats_interval=3600, task_step=0)) as served:
+    app = create_app(fast_settings(), admin_token=TOKEN, stats_interval=3600, task_step=0, token_interval=0)
+    with serve(app) as served:
         yield served
 
 
@@ -218,6 +225,35 @@ def test_operator_routes_need_the_admin_token(served: Served, method: str, path:
         assert http.request(method, path, json=body, headers=cookie_only).status_code == 401
         right = {"Authorization": f"Bearer {TOKEN}"}
         assert http.request(method, path, json=body, headers=right).status_code == 200
+
+
+def test_the_assistant_streams_a_run_that_only_its_user_may_view_or_stop(served: Served) -> None:
+    with user(served, "alice") as alice, user(served, "bob") as bob:
+        assert httpx.post(served.url + "/api/assistant", json={"prompt": "hi"}).status_code == 401
+        response = alice.post("/api/assistant", json={"prompt": "hello there"})
+        assert response.status_code == 202
+        run_id = response.json()["runId"]
+        assert run_id.startswith("alice.")
+        with open_stream(f"{served.url}/sse/runs/{run_id}", headers={"Cookie": "user_id=alice"}, opened=False) as s:
+            events = s.rest()
+        assert [data(e)["text"] for e in events[:-1]] == answer_tokens("hello there")
+        assert (events[-1].event, data(events[-1])) == (
+            "end",
+            {"status": "done", "result": {"text": canned_answer("hello there")}},
+        )
+        # Resumed from the middle (a reloaded page's ?last_event_id=): exactly the rest.
+        resumed = alice.get(f"/sse/runs/{run_id}", params={"last_event_id": events[4].id})
+        assert resumed.status_code == 200
+        assert [line for line in resumed.text.splitlines() if line.startswith("id: ")] == [
+            f"id: {e.id}" for e in events[5:]
+        ]
+        assert alice.get(f"/sse/runs/{run_id}", params={"last_event_id": events[-1].id}).status_code == 204
+        # Another user's run: neither its stream nor its stop (a name prefix is not enough).
+        assert bob.get(f"/sse/runs/{run_id}").status_code == 403
+        assert bob.post(f"/sse/runs/{run_id}/cancel").status_code == 403
+        with user(served, "alic") as alic:
+            assert alic.get(f"/sse/runs/{run_id}").status_code == 403
+        assert alice.post(f"/sse/runs/{run_id}/cancel").status_code == 404  # it has ended
 
 
 def test_connection_stats_count_the_open_streams(served: Served) -> None:

@@ -80,6 +80,8 @@ class Example:
     env: dict[str, str] = field(default_factory=dict)
     check: Callable[[httpx.Client, str, list[Any]], None] | None = None
     private: tuple[str, ...] = ()  # events sent to one client (send_to): never replayed
+    # For a run: the trigger starts it, and its answer names the stream to follow.
+    follow: Callable[[Any], str] | None = None
 
 
 def stats_count_the_stream(http: httpx.Client, url: str, events: list[Any]) -> None:
@@ -90,6 +92,25 @@ def metrics_show_the_stream(http: httpx.Client, url: str, events: list[Any]) -> 
     assert http.get(f"{url}/sse/metrics").status_code == 401
     metrics = http.get(f"{url}/sse/metrics", headers={"Authorization": "Bearer scrape-me"})
     assert "fastapi_sse_connections{" in metrics.text
+
+
+def progress_is_a_run_to_its_end(http: httpx.Client, url: str, events: list[Any]) -> None:
+    task_id = json.loads(events[0].data)["taskId"]
+    assert [json.loads(e.data)["current"] for e in events[:-1]] == [1, 2]
+    assert json.loads(events[-1].data) == {"status": "done", "result": {"processed": 2}}
+    # Seen to its end: a browser's EventSource that reconnects is told to stop.
+    again = http.get(f"{url}/runs/{task_id}", headers={**ALICE, "Last-Event-ID": events[-1].id})
+    assert again.status_code == 204
+
+
+def llm_answer_is_whole_and_the_own_route_agrees(http: httpx.Client, url: str, events: list[Any]) -> None:
+    answer = "".join(json.loads(e.data)["text"] for e in events[:-1])
+    assert answer == "You said: what is a run? "
+    assert json.loads(events[-1].data) == {"status": "done", "result": {"text": answer}}
+    run_id = http.post(f"{url}/chat", json={"prompt": "again"}).json()["run_id"]
+    with open_stream(f"{url}/chat/{run_id}/events", opened=False) as own:
+        rest = own.rest()
+    assert [e.event for e in rest] == ["token"] * 3 + ["end"]
 
 
 def message_format_is_exact(http: httpx.Client, url: str, events: list[Any]) -> None:
@@ -135,6 +156,13 @@ EXAMPLE_RUNS: dict[str, Example] = {
         "/dashboard/live", post("/orders", json={"total": 9.5, "customer_name": "Ada"}), ["initialData", "newOrder"]
     ),
     "disconnect.py": Example("/subscribe?channel=a", publish("a", "ping"), ["ping"], publisher=True),
+    "llm_runs.py": Example(
+        "/runs/{run_id}",
+        post("/chat", json={"prompt": "what is a run?"}),
+        ["token"] * 6 + ["end"],
+        follow=lambda started: f"/runs/{started['run_id']}",
+        check=llm_answer_is_whole_and_the_own_route_agrees,
+    ),
     "message_format.py": Example(
         "/hello", lambda http, url: None, ["notification"], check=message_format_is_exact, private=("notification",)
     ),
@@ -145,10 +173,12 @@ EXAMPLE_RUNS: dict[str, Example] = {
         headers=ALICE,
     ),
     "progress.py": Example(
-        "/subscribe",
-        post("/process", json={"data": ["a"]}, headers=ALICE),
-        ["taskProgress", "taskComplete"],
+        "/runs/{taskId}",
+        post("/process", json={"data": ["a", "b"]}, headers=ALICE),
+        ["taskProgress", "taskProgress", "end"],
         headers=ALICE,
+        follow=lambda started: f"/runs/{started['taskId']}",
+        check=progress_is_a_run_to_its_end,
     ),
     "router_hooks.py": Example(
         "/subscribe?channel=team:red",
@@ -247,27 +277,33 @@ def run_example(folder: Path, module: str, example: Example, library: Path) -> N
     if module == "publishing":
         (folder / "publishing_app.py").write_text(PUBLISHING_APP)
         target = "publishing_app:app"
-    with (
-        served_from(folder, target, library, example.env) as url,
-        httpx.Client(timeout=10) as http,
-        open_stream(url + example.stream, headers=example.headers, opened=False) as stream,
-    ):
-        response = example.trigger(http, url)
-        if response is not None:
-            assert response.status_code < 300, response.text
-        events = received(stream, len(example.events))
-        assert [e.event for e in events] == example.events
-        if example.check is not None:
-            example.check(http, url, events)
-        resumes_exactly(url, example, events)
+    with served_from(folder, target, library, example.env) as url, httpx.Client(timeout=10) as http:
+        path = example.stream
+        if example.follow is not None:
+            # A run keeps its events: start it, then follow it from its start.
+            started = example.trigger(http, url)
+            assert started.status_code < 300, started.text
+            path = example.follow(started.json())
+        with open_stream(url + path, headers=example.headers, opened=False) as stream:
+            if example.follow is None:
+                response = example.trigger(http, url)
+                if response is not None:
+                    assert response.status_code < 300, response.text
+            events = received(stream, len(example.events))
+            assert [e.event for e in events] == example.events
+            if example.follow is not None:
+                assert stream.rest() == [], "a run's stream ends with its end event"
+            if example.check is not None:
+                example.check(http, url, events)
+            resumes_exactly(url + path, example, events)
 
 
 def resumes_exactly(url: str, example: Example, events: list[Any]) -> None:
     """Reconnect as EventSource does, with the first event's id: the stream replays
-    exactly what came after it on its channels, with no gap."""
+    exactly what came after it on its channels (or of its run), with no gap."""
     missed = [(e.event, e.id, e.data) for e in events[1:] if e.event not in example.private]
     headers = {**example.headers, "Last-Event-ID": events[0].id}
-    with open_stream(url + example.stream, headers=headers, opened=False) as again:
+    with open_stream(url, headers=headers, opened=False) as again:
         assert again.next_frame().retry is not None
         replayed: list[tuple[str, str, str]] = []
         while len(replayed) < len(missed):

@@ -202,12 +202,19 @@ class FlakyBackend(MemoryBackend):
         self.down = False
 
     async def publish(
-        self, channel: str, payload: bytes, event_id: str | None, *, store: bool, index: Collection[str] = ()
+        self,
+        channel: str,
+        payload: bytes,
+        event_id: str | None,
+        *,
+        store: bool,
+        index: Collection[str] = (),
+        history: int | None = None,
     ) -> Any:
         if self.down:
             self.errors += 1  # its own retry before giving up
             raise ConnectionError("store unreachable")
-        return await super().publish(channel, payload, event_id, store=store, index=index)
+        return await super().publish(channel, payload, event_id, store=store, index=index, history=history)
 
     async def listen(self, channels: Collection[str]) -> None:
         return None

@@ -5,7 +5,7 @@ from typing import Annotated, Any
 from fastapi import BackgroundTasks, Depends, FastAPI, HTTPException, Request
 from pydantic import BaseModel
 
-from fastapi_sse import SSEDep, SSEService, create_sse_router
+from fastapi_sse import Run, SSEDep, create_sse_router
 
 
 # Demo sign-in: the user id comes from an X-User-Id header. Put your real
@@ -20,40 +20,35 @@ def current_user(request: Request) -> str:
 CurrentUser = Annotated[str, Depends(current_user)]
 
 
-def user_channel(request: Request) -> list[str]:
-    """Each stream gets its own user's channel, from the sign-in (never from the query)."""
-    return [f"user:{current_user(request)}"]
-
-
-def no_other_channel(request: Request, channel: str) -> bool:
-    """A ?channel= beyond the user's own is refused (HTTP 403)."""
-    return False
+def own_tasks_only(request: Request, channel: str) -> bool:
+    """The run routes ask for ``run:<taskId>``: a task's id starts with its user's."""
+    return channel.startswith(f"run:{current_user(request)}.")
 
 
 app = FastAPI()
-# GET /subscribe opens a stream on the signed-in user's channel.
-app.include_router(create_sse_router(authorize=no_other_channel, default_channels=user_channel))
+# GET /runs/{taskId} follows a task, POST /runs/{taskId}/cancel stops it.
+app.include_router(create_sse_router(authorize=own_tasks_only))
 
 
 async def process_item(item: Any) -> None:
     await asyncio.sleep(0)  # the real work goes here
 
 
-# The job: report progress to the user's channel
-async def long_process(sse: SSEService, task_id: str, items: list[Any], user_id: str) -> None:
-    total = len(items)
-    for i, item in enumerate(items):
-        await process_item(item)
+# The job is a run: its progress events are kept for whoever follows it
+async def long_process(run: Run, items: list[Any]) -> None:
+    async with run:  # an exception ends it as failed, a cancel as cancelled
+        total = len(items)
+        for i, item in enumerate(items):
+            await process_item(item)
 
-        # Send a progress update
-        sse.broadcast(
-            f"user:{user_id}",
-            "taskProgress",
-            {"taskId": task_id, "current": i + 1, "total": total, "percent": round((i + 1) / total * 100)},
-        )
+            # Send a progress update
+            await run.send(
+                "taskProgress",
+                {"taskId": run.id, "current": i + 1, "total": total, "percent": round((i + 1) / total * 100)},
+            )
 
-    # Send the completion
-    sse.broadcast(f"user:{user_id}", "taskComplete", {"taskId": task_id, "result": "success"})
+        # The end: every viewer gets `end` {"status": "done", "result": {"processed": total}}
+        await run.finish({"processed": total})
 
 
 class ProcessIn(BaseModel):
@@ -63,9 +58,9 @@ class ProcessIn(BaseModel):
 # A long-running task with progress
 @app.post("/process", status_code=202)
 async def process(body: ProcessIn, sse: SSEDep, user: CurrentUser, jobs: BackgroundTasks) -> dict[str, str]:
-    task_id = str(uuid.uuid4())
+    run = await sse.runs.open(f"{user}.{uuid.uuid4().hex}")
 
     # Start the background processing
-    jobs.add_task(long_process, sse, task_id, body.data, user)
+    jobs.add_task(long_process, run, body.data)
 
-    return {"taskId": task_id}
+    return {"taskId": run.id}

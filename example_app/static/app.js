@@ -129,6 +129,96 @@ async function post(url, body) {
   return response.ok ? response.json() : null;
 }
 
+// -- The assistant: a run, followed by an EventSource of its own -----------------------
+//
+// The run's id is in the address (#run=<id>): a reload, or the address opened in another
+// tab, follows the same run. What this tab has rendered of a run is kept in
+// sessionStorage as one record, {text, lastId, status}, rewritten with each token as it
+// is shown: the text on screen is always exactly the tokens up to and including lastId.
+// After a reload the page shows that text again and reconnects with
+// ?last_event_id=<lastId>, and the server replays exactly the events after that id: no
+// token is lost (every one after lastId comes) and none is doubled (none up to it comes
+// again). The query is needed because a new page's EventSource has no Last-Event-ID of
+// its own; within one page, its automatic reconnects send the header, which wins over
+// the query. A tab with no record (a new tab) has rendered nothing: it follows the run
+// from its start. The run ends with one `end` event ({status: done|failed|cancelled|
+// lost}) that reaches every viewer: then the page closes its EventSource.
+
+window.runLog = [];
+window.runSource = null;
+let followed = null;
+
+function runIdFromAddress() {
+  const match = /^#run=([A-Za-z0-9][A-Za-z0-9_.:-]*)$/.exec(location.hash);
+  return match ? match[1] : null;
+}
+
+function runRecord(runId) {
+  try {
+    const saved = JSON.parse(sessionStorage.getItem("run:" + runId));
+    if (saved && typeof saved.text === "string") return saved;
+  } catch { /* not ours: start afresh */ }
+  return { text: "", lastId: "", status: null };
+}
+
+function setAssistantStatus(status) {
+  const el = $("assistant-status");
+  el.textContent = status;
+  el.className = "badge " + status;
+  $("stop").disabled = status !== "running";
+}
+
+function follow(runId) {
+  if (window.runSource) window.runSource.close();
+  window.runSource = null;
+  followed = runId;
+  const record = runRecord(runId);
+  const save = () => sessionStorage.setItem("run:" + runId, JSON.stringify(record));
+  $("assistant-answer").textContent = record.text;
+  if (record.status) { // this tab saw the end already
+    setAssistantStatus(record.status);
+    return;
+  }
+  setAssistantStatus("running");
+  const query = record.lastId ? "?last_event_id=" + encodeURIComponent(record.lastId) : "";
+  const source = new EventSource(`/sse/runs/${encodeURIComponent(runId)}${query}`, { withCredentials: true });
+  window.runSource = source;
+  source.addEventListener("token", (event) => {
+    const data = JSON.parse(event.data);
+    window.runLog.push({ type: "token", id: event.lastEventId, data });
+    record.text += data.text;
+    record.lastId = event.lastEventId;
+    save();
+    $("assistant-answer").textContent = record.text;
+  });
+  source.addEventListener("end", (event) => {
+    const data = JSON.parse(event.data);
+    window.runLog.push({ type: "end", id: event.lastEventId, data });
+    source.close(); // the run is over: no reconnect
+    record.status = data.status;
+    record.lastId = event.lastEventId;
+    save();
+    setAssistantStatus(data.status);
+  });
+  // 403 (not this user's run) or 404 (unknown, or ended longer ago than the server keeps
+  // runs): EventSource gives up for good. Dropped streams reconnect by themselves.
+  source.onerror = () => {
+    if (source.readyState === EventSource.CLOSED && followed === runId && !record.status) {
+      setAssistantStatus("unavailable");
+    }
+  };
+}
+
+async function ask(prompt) {
+  setAssistantStatus("starting");
+  const started = await post("/api/assistant", { prompt });
+  if (started === null) {
+    setAssistantStatus("refused");
+    return;
+  }
+  location.hash = "run=" + started.runId; // hashchange follows it
+}
+
 let notes = 0;
 const CUSTOMERS = ["Ada", "Grace", "Linus", "Guido", "Barbara", "Ken"];
 
@@ -149,6 +239,12 @@ function wireButtons() {
     $("task-status").textContent = "starting";
     post("/api/tasks", { items: 10 });
   };
+  $("assistant-form").onsubmit = (event) => {
+    event.preventDefault();
+    ask($("prompt").value);
+  };
+  // Any tab may stop the run: its end event reaches every tab that follows it.
+  $("stop").onclick = () => { if (followed) post(`/sse/runs/${encodeURIComponent(followed)}/cancel`); };
 }
 
 async function main() {
@@ -166,6 +262,12 @@ async function main() {
   $("account").hidden = false;
   $("signed-in-as").textContent = state.user;
   connect();
+  window.addEventListener("hashchange", () => {
+    const runId = runIdFromAddress();
+    if (runId && runId !== followed) follow(runId);
+  });
+  const runId = runIdFromAddress();
+  if (runId) follow(runId);
 }
 
 main();
