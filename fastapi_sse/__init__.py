@@ -1,6 +1,7 @@
 """Server-Sent Events for FastAPI: channels, broadcasting, replay and heartbeats."""
 
-from fastapi_sse._names import RUN_END_EVENT
+from fastapi_sse._names import PRESENCE_EVENT, RUN_END_EVENT
+from fastapi_sse._presence import Presence, PresenceSnapshot
 from fastapi_sse._runs import Runs
 from fastapi_sse._wire import Text
 from fastapi_sse.backends import (
@@ -45,6 +46,7 @@ from fastapi_sse.typed import EventType, EventTypes
 __all__ = [
     "ALL_CHANNEL",
     "GAP_EVENT",
+    "PRESENCE_EVENT",
     "RUN_END_EVENT",
     "Authorize",
     "Backend",
@@ -65,6 +67,8 @@ __all__ = [
     "Message",
     "NoCoordination",
     "OnConnect",
+    "Presence",
+    "PresenceSnapshot",
     "Publication",
     "RefusedStream",
     "Replay",

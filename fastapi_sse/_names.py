@@ -28,6 +28,12 @@ resolves through it when a client of that identity resumes (nothing is published
 IDENTITY_GROUP_PREFIX = "identity:"
 """Capped group (:meth:`Coordination.claim`) of an identity's streams across workers."""
 
+PRESENCE_CHANNEL_PREFIX = "$presence:"
+"""Internal channel of a channel's presence: who joins and leaves it."""
+
+PRESENCE_EVENT = "presence"
+"""Name of the event that says an identity joined or left a channel."""
+
 RUN_CHANNEL_PREFIX = "$run:"
 """Internal channel of a run: its events, in its history, for every viewer."""
 
@@ -97,3 +103,7 @@ RUN_END_PREFIX = b"event: " + RUN_END_EVENT.encode() + b"\n"
 def is_run_end(channel: str, payload: bytes) -> bool:
     """Whether a message is a run's terminal event."""
     return payload.startswith(RUN_END_PREFIX) and channel.startswith(RUN_CHANNEL_PREFIX)
+
+
+def presence_channel(channel: str) -> str:
+    return PRESENCE_CHANNEL_PREFIX + channel

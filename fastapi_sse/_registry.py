@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from fastapi_sse._names import ALL_CHANNEL, client_channel, identity_channel
+from fastapi_sse._names import ALL_CHANNEL, client_channel, identity_channel, is_internal
 from fastapi_sse.client import SSEClient
 
 _Members = dict[str, SSEClient]
@@ -19,7 +19,7 @@ _Members = dict[str, SSEClient]
 class Registry:
     """The clients of this process; see the module's docstring."""
 
-    __slots__ = ("_on_close", "_on_first", "_on_last", "channels", "clients", "identities")
+    __slots__ = ("_on_close", "_on_first", "_on_last", "_on_presence", "channels", "clients", "identities", "present")
 
     def __init__(
         self,
@@ -27,6 +27,7 @@ class Registry:
         on_first: Callable[[str], None],
         on_last: Callable[[str], None],
         on_close: Callable[[SSEClient, str], None],
+        on_presence: Callable[[str, str, int, int], None] = lambda channel, identity, before, after: None,
     ) -> None:
         self.clients: _Members = {}
         self.channels: dict[str, _Members] = {}
@@ -34,6 +35,9 @@ class Registry:
         self._on_first = on_first
         self._on_last = on_last
         self._on_close = on_close
+        self._on_presence = on_presence
+        # Per channel (the app's own, not internal ones): identity -> its streams here.
+        self.present: dict[str, dict[str, int]] = {}
 
     def __len__(self) -> int:
         return len(self.clients)
@@ -62,10 +66,27 @@ class Registry:
     def subscribe(self, client: SSEClient, channel: str) -> None:
         client.channels.add(channel)
         self.join(client, channel)
+        if client.identity is not None and not is_internal(channel):
+            self._count(channel, client.identity, 1)
 
     def unsubscribe(self, client: SSEClient, channel: str) -> None:
         client.channels.discard(channel)
         self.leave(client, channel)
+        if client.identity is not None and not is_internal(channel):
+            self._count(channel, client.identity, -1)
+
+    def _count(self, channel: str, identity: str, change: int) -> None:
+        """An identity's streams on a channel in this process changed: tell presence."""
+        here = self.present.setdefault(channel, {})
+        before = here.get(identity, 0)
+        streams = before + change
+        if streams > 0:
+            here[identity] = streams
+        else:
+            here.pop(identity, None)
+            if not here:
+                del self.present[channel]
+        self._on_presence(channel, identity, before, max(streams, 0))
 
     def join(self, client: SSEClient, channel: str) -> None:
         members = self.channels.get(channel)
@@ -90,6 +111,8 @@ class Registry:
             return False
         for channel in client.channels:
             self.leave(client, channel)
+            if client.identity is not None and not is_internal(channel):
+                self._count(channel, client.identity, -1)
         self.leave(client, ALL_CHANNEL)
         self.leave(client, client_channel(client.id))
         if client.identity is not None:

@@ -149,6 +149,9 @@ def create_sse_router(
             str | None,
             Query(description="Resume after this event id, on a first connection (the Last-Event-ID header wins)."),
         ] = None,
+        presence: Annotated[
+            bool, Query(description="Also receive `presence` events: who joins and leaves these channels.")
+        ] = False,
     ) -> SSEResponse:
         requested = list(dict.fromkeys(channel))
         for name in requested:
@@ -174,6 +177,8 @@ def create_sse_router(
         try:
             for name in wanted:
                 sse.subscribe(client.id, name)
+                if presence:
+                    sse.presence.watch(client.id, name)
             if connected is not None:
                 await connected(client=client, sse=sse)
         except BaseException:

@@ -15,6 +15,7 @@ from fastapi_sse._cluster import make_cluster
 from fastapi_sse._counters import Counters, snapshot
 from fastapi_sse._delivery import Fanout
 from fastapi_sse._names import ALL_CHANNEL, GAP_EVENT, new_worker_id
+from fastapi_sse._presence import Presence, make_presence
 from fastapi_sse._publishing import Publisher
 from fastapi_sse._registry import Registry
 from fastapi_sse._runs import Runs
@@ -75,6 +76,7 @@ class SSEService:
             on_first=lambda channel: self._cluster.interest(channel, True),
             on_last=lambda channel: self._cluster.interest(channel, False),
             on_close=self._closed,
+            on_presence=lambda *change: self._present.changed(*change),
         )
         self._writer = writer = Writer(counters.sent)
         self._fanout = Fanout(registry, writer, counters, settings.overflow_policy)
@@ -86,6 +88,11 @@ class SSEService:
             worker_id=self.worker_id, on_overflow=self._fanout.overflow,
         )  # fmt: skip
         self._publisher = Publisher(backend, counters, settings, writer)
+        self._present = make_presence(
+            backend, self._admission, registry, self._publisher.publish_nowait, self.worker_id
+        )
+        self.presence = Presence(self._admission, self._present.members, backend.head, self._watch)
+        """Who is on each channel, across workers, and its join/leave events (:class:`Presence`)."""
         self.runs = Runs(
             settings, self._admission, self._publisher, backend, backend.runs or MemoryRunLedger(), registry,
             worker_id=self.worker_id, open_client=lambda: self.add_client(""), view=self._streams.view_run,
@@ -106,6 +113,7 @@ class SSEService:
         self._tasks.spawn(sweep(self._registry, self.settings))
         self._tasks.spawn(self._writer.run())
         self._tasks.spawn(self.runs.watch())
+        self._tasks.spawn(self._present.run())
         await self._cluster.start(self._tasks.spawn)
 
     async def aclose(self, grace: float = 5.0) -> None:
@@ -265,6 +273,13 @@ class SSEService:
             return False
         self._registry.unsubscribe(client, channel)
         return True
+
+    @_hop
+    def _watch(self, client_id: str, channel: str) -> bool:
+        client = self._registry.get(client_id)
+        if client is not None and channel not in client.channels:
+            self._registry.subscribe(client, channel)
+        return client is not None
 
     def check_channel(self, channel: str) -> str:
         """Raise :class:`InvalidChannelError` unless ``channel`` is a valid name."""

@@ -40,6 +40,7 @@ class Hub:
         self.backends: list[LoopbackBackend] = []
         self.registered: dict[str, bytes] = {}
         self.groups: dict[str, list[str]] = {}
+        self.present: dict[str, dict[tuple[str, str], int]] = {}
 
 
 class LoopbackBackend(Backend):
@@ -150,6 +151,24 @@ class LoopbackCoordination(Coordination):
         for group, members in groups.items():
             known = self.hub.groups.setdefault(group, [])
             known.extend(m for m in members if m not in known)
+
+    async def present(self, channel: str, worker_id: str, identity: str, streams: int) -> tuple[int, int]:
+        here = self.hub.present.setdefault(channel, {})
+        before = sum(n for (_, who), n in here.items() if who == identity)
+        if streams:
+            here[(worker_id, identity)] = streams
+        else:
+            here.pop((worker_id, identity), None)
+        return before, sum(n for (_, who), n in here.items() if who == identity)
+
+    async def presence(self, channel: str) -> dict[str, int]:
+        members: dict[str, int] = {}
+        for (_, identity), streams in self.hub.present.get(channel, {}).items():
+            members[identity] = members.get(identity, 0) + streams
+        return members
+
+    async def absent(self) -> list[tuple[str, str]]:
+        return []
 
 
 def worker_app(hub: Hub, settings: SSESettings, **router_kwargs: Any) -> tuple[FastAPI, SSEService]:

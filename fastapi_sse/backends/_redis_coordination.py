@@ -4,12 +4,14 @@ and the groups capped across them (see :class:`~fastapi_sse.backends.base.Coordi
 
 from __future__ import annotations
 
+from typing import Any
+
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from fastapi_sse.backends._redis_keys import Keys
-from fastapi_sse.backends._redis_scripts import CLAIM
+from fastapi_sse.backends._redis_scripts import CLAIM, PRESENCE_SCRIPTS
 from fastapi_sse.backends.base import Coordination
 from fastapi_sse.errors import BackendError
 
@@ -24,15 +26,18 @@ class RedisCoordination(Coordination):
         self._where = where
         self._redis: aioredis.Redis | None = None
         self._claim_script: AsyncScript | None = None
+        self._presence: dict[str, AsyncScript] = {}
 
     def attach(self, client: aioredis.Redis) -> None:
         """Use the started backend's client."""
         self._redis = client
         self._claim_script = client.register_script(CLAIM)
+        self._presence = {name: client.register_script(source) for name, source in PRESENCE_SCRIPTS.items()}
 
     def detach(self) -> None:
         """The backend closed its client."""
         self._redis = self._claim_script = None
+        self._presence = {}
 
     def _client(self) -> aioredis.Redis:
         if self._redis is None:
@@ -117,3 +122,27 @@ class RedisCoordination(Coordination):
                 await pipe.execute()
         except (RedisError, OSError) as exc:
             raise BackendError(f"could not restore shared limits on Redis at {self._where}: {exc}") from exc
+
+    async def _script(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        script = self._presence.get(name)
+        if script is None:
+            raise BackendError("the redis backend is not started")
+        try:
+            return await script(keys, args)
+        except (RedisError, OSError) as exc:
+            raise BackendError(f"could not update presence on Redis at {self._where}: {exc}") from exc
+
+    async def present(self, channel: str, worker_id: str, identity: str, streams: int) -> tuple[int, int]:
+        keys = self._keys
+        args = [channel, worker_id, identity, streams, keys.worker_prefix]
+        before, after = await self._script("present", [keys.presence(channel), keys.presence_channels], args)
+        return int(before), int(after)
+
+    async def presence(self, channel: str) -> dict[str, int]:
+        flat = await self._script("presence", [self._keys.presence(channel)], [self._keys.worker_prefix])
+        return {flat[i].decode(): int(flat[i + 1]) for i in range(0, len(flat), 2)}
+
+    async def absent(self) -> list[tuple[str, str]]:
+        keys = self._keys
+        flat = await self._script("absent", [keys.presence_channels], [keys.presence_prefix, keys.worker_prefix])
+        return [(flat[i].decode(), flat[i + 1].decode()) for i in range(0, len(flat), 2)]

@@ -24,6 +24,8 @@ class Keys:
         self.history_prefix = prefix + "h:"
         """A channel's history is this and the channel's name."""
         self.worker_prefix = prefix + "wk:"
+        self.presence_prefix = prefix + "pres:"
+        self.presence_channels = prefix + "pres"
         """A worker's registration is this and its id."""
         self._worker_route = prefix + "w:"
 
@@ -33,6 +35,10 @@ class Keys:
     def worker(self, worker_id: str) -> str:
         """The registration key of a worker (its info, with a TTL)."""
         return self.worker_prefix + worker_id
+
+    def presence(self, channel: str) -> str:
+        """The hash of who is on a channel (see ``lua/presence.lua``)."""
+        return self.presence_prefix + channel
 
     def group(self, group: str) -> str:
         """The sorted set of a capped group's members."""

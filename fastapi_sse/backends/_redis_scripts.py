@@ -32,6 +32,11 @@ INIT = _source("counter", "init")
 PUBLISH = _source("sweep", "counter", "id_index", "publish")
 REPLAY = _source("sweep", "replay")
 CLAIM = _source("claim")
+PRESENCE_SCRIPTS = {
+    "present": _source("presence", "present"),
+    "presence": _source("presence", "presence_get"),
+    "absent": _source("presence", "absent"),
+}
 RUN_SCRIPTS = {
     "begin": _source("sweep", "run_begin"),
     "renew": _source("sweep", "run_renew"),

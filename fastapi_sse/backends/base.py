@@ -205,10 +205,9 @@ class Backend(ABC):
 
 
 class Coordination(ABC):
-    """What many workers sharing one store need from it to act as one service: a
-    registry of live workers (with their stats) and groups capped across workers
-    (connections per identity). A shared backend offers it as
-    :attr:`Backend.coordination`."""
+    """What workers sharing one store need to act as one service: a registry of live
+    workers (with their stats), groups capped across workers (connections per
+    identity) and presence. A shared backend offers it as :attr:`Backend.coordination`."""
 
     @abstractmethod
     async def announce(self, worker_id: str, info: bytes, ttl: float) -> bool:
@@ -238,9 +237,26 @@ class Coordination(ABC):
         """Put members back in their groups, oldest first, where the store lost them
         (it restarted empty, or was flushed), without evicting anyone."""
 
+    @abstractmethod
+    async def present(self, channel: str, worker_id: str, identity: str, streams: int) -> tuple[int, int]:
+        """Set how many streams ``identity`` has on ``channel`` at ``worker_id``; its
+        streams across the live workers before and after."""
+
+    @abstractmethod
+    async def presence(self, channel: str) -> dict[str, int]:
+        """Who is on ``channel``: identity -> streams, across the live workers."""
+
+    @abstractmethod
+    async def absent(self) -> list[tuple[str, str]]:
+        """Forget what workers no longer registered held; the ``(channel, identity)``
+        pairs that left the cluster with them (each reported to one caller)."""
+
 
 class NoCoordination(Coordination):
     """Coordination for a worker alone: every worker is itself, every group admits."""
+
+    def __init__(self) -> None:
+        self._present: dict[str, dict[str, int]] = {}
 
     async def announce(self, worker_id: str, info: bytes, ttl: float) -> bool:
         return True
@@ -259,6 +275,21 @@ class NoCoordination(Coordination):
 
     async def reclaim(self, groups: dict[str, list[str]]) -> None:
         return None
+
+    async def present(self, channel: str, worker_id: str, identity: str, streams: int) -> tuple[int, int]:
+        here = self._present.setdefault(channel, {})
+        before = here.get(identity, 0)
+        if streams:
+            here[identity] = streams
+        else:
+            here.pop(identity, None)
+        return before, streams
+
+    async def presence(self, channel: str) -> dict[str, int]:
+        return dict(self._present.get(channel, {}))
+
+    async def absent(self) -> list[tuple[str, str]]:
+        return []
 
 
 @dataclass(frozen=True, slots=True)

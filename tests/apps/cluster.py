@@ -81,3 +81,9 @@ async def start_run(sse: SSEDep, count: int, pace: float = 0.0, run_id: str | No
 
 
 _producers: set[asyncio.Task[None]] = set()
+
+
+@app.get("/presence")
+async def presence(sse: SSEDep, channel: str) -> dict[str, Any]:
+    """Who is on ``channel``, on every worker."""
+    return (await sse.presence.snapshot(channel)).model_dump()

@@ -1,0 +1,98 @@
+"""Presence through real servers and real SSE clients: who is on a channel, on every
+worker, and the in-band ``presence`` events of joins and leaves, correct within a
+lease after a worker is killed."""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import Any
+
+import httpx
+from fastapi import FastAPI, Request
+from helpers.apps import fast_settings, router_app, served
+from helpers.redis import RedisServer
+from helpers.streams import Stream, open_stream, wait_until
+from test_redis_cluster import workers
+
+from fastapi_sse import SSEDep, sse_lifespan
+
+
+def identify(request: Request) -> str | None:
+    return request.query_params.get("user")
+
+
+def presence_of(stream: Stream) -> tuple[str, str, int]:
+    event = stream.until_event("presence")[-1].json()
+    return event["identity"], event["state"], event["streams"]
+
+
+def test_joins_and_leaves_reach_who_asked_and_the_snapshot_adds_up() -> None:
+    with served(router_app(identify=identify)) as (srv, sse):
+        url = srv.url + "/subscribe"
+        with open_stream(url, params={"channel": "doc", "user": "watcher", "presence": "true"}) as watcher:
+            with open_stream(url, params={"channel": "doc", "user": "alice"}):
+                assert presence_of(watcher) == ("alice", "joined", 1)
+                with open_stream(url, params={"channel": "doc", "user": "alice"}):
+                    snapshot = srv.call(sse.presence.snapshot, "doc")
+                    assert snapshot.members == {"watcher": 1, "alice": 2}
+                # A second stream of one identity is no second join, nor its end a leave.
+                with open_stream(url, params={"channel": "doc", "user": "bob"}):
+                    assert presence_of(watcher) == ("bob", "joined", 1)
+                assert presence_of(watcher) == ("bob", "left", 0)
+            assert presence_of(watcher) == ("alice", "left", 0)
+        wait_until(lambda: srv.call(sse.presence.snapshot, "doc").members == {}, message="everyone to leave")
+
+
+def test_a_snapshot_cursor_starts_a_watcher_without_a_race() -> None:
+    with served(router_app(identify=identify)) as (srv, sse):
+        url = srv.url + "/subscribe"
+        with open_stream(url, params={"channel": "room", "user": "alice"}):
+            snapshot = srv.call(sse.presence.snapshot, "room")
+            assert snapshot.members == {"alice": 1}
+            with open_stream(url, params={"channel": "room", "user": "bob"}):
+                pass
+            # Bob came and went after the snapshot: a watcher from its cursor sees both.
+            params = {"channel": "lobby", "presence": "true", "last_event_id": snapshot.cursor}
+            app_params = {**params, "channel": "room"}
+            with open_stream(url, params=app_params, opened=False) as watcher:
+                assert presence_of(watcher) == ("bob", "joined", 1)
+                assert presence_of(watcher) == ("bob", "left", 0)
+
+
+def test_an_apps_own_route_asks_for_presence_too() -> None:
+    app = FastAPI(lifespan=sse_lifespan(fast_settings()))
+
+    @app.get("/watch")
+    async def watch(sse: SSEDep, user: str, room: str) -> Any:
+        client, response = sse.add_client(identity=user)
+        sse.subscribe(client.id, room)
+        assert sse.presence.watch(client.id, room)
+        return response
+
+    with served(app) as (srv, sse):
+        with open_stream(srv.url + "/watch", params={"user": "w", "room": "r"}) as watcher:
+            with open_stream(srv.url + "/watch", params={"user": "carol", "room": "r"}):
+                assert presence_of(watcher) == ("carol", "joined", 1)
+            assert presence_of(watcher) == ("carol", "left", 0)
+        assert not srv.call(sse.presence.watch, "no-such-client", "r")
+
+
+def test_presence_is_cluster_wide_and_a_killed_worker_leaves_within_its_lease(redis_server: RedisServer) -> None:
+    with (
+        workers(2, redis_server, presence_interval=0.2) as [(one, _), (two, doomed)],
+        open_stream(one + "/subscribe", params={"channel": "doc", "user": "w", "presence": "true"}) as watcher,
+        open_stream(one + "/subscribe", params={"channel": "doc", "user": "alice"}),
+        open_stream(two + "/subscribe", params={"channel": "doc", "user": "bob"}),
+    ):
+        # Through the shared backend the watcher's own join reaches it too.
+        seen = {presence_of(watcher) for _ in range(3)}
+        assert seen == {("w", "joined", 1), ("alice", "joined", 1), ("bob", "joined", 1)}
+        for url in (one, two):
+            members = httpx.get(url + "/presence", params={"channel": "doc"}).json()["members"]
+            assert members == {"w": 1, "alice": 1, "bob": 1}
+        os.kill(doomed.pid, signal.SIGKILL)
+        # Its registration lapses after three presence intervals; the leave follows.
+        assert presence_of(watcher) == ("bob", "left", 0)
+        members = httpx.get(one + "/presence", params={"channel": "doc"}).json()["members"]
+        assert members == {"w": 1, "alice": 1}
