@@ -98,3 +98,19 @@ def test_the_runs_benchmark_runs_and_reports_every_figure() -> None:
     medians = json.loads(done.stdout.splitlines()[-1])["medians"]
     assert set(medians) == {"run", "channel", "resume_s", "cancel_s"}
     assert all(value > 0 for value in medians.values())
+
+
+STORM_SMOKE = ("--streams", "20", "--drain-window", "0.2", "--retry", "0.2", "--repeats", "1")
+
+
+def test_the_reconnect_storm_benchmark_runs_and_moves_every_stream() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.storm", *STORM_SMOKE],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    medians = json.loads(done.stdout.splitlines()[-1])["medians"]
+    assert medians["moved"] == 10 and medians["not_exactly_once"] == 0
