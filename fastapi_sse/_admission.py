@@ -13,7 +13,7 @@ from typing import Any
 
 from fastapi_sse import _wire as wire
 from fastapi_sse._counters import Counters
-from fastapi_sse._names import ALL_CHANNEL
+from fastapi_sse._names import ALL_CHANNEL, is_internal
 from fastapi_sse.backends.base import Publication
 from fastapi_sse.client import SSEClient
 from fastapi_sse.errors import BadRequestError, InvalidChannelError, InvalidEventError, LimitExceededError
@@ -52,9 +52,10 @@ class Admission:
         return channel
 
     def check_subscription(self, client: SSEClient) -> None:
-        """Raise :class:`LimitExceededError` when ``client`` may not take one more channel."""
+        """Raise :class:`LimitExceededError` when ``client`` may not take one more channel
+        (the service's own channels, a run's or a channel's presence, do not count)."""
         limit = self.settings.max_channels_per_connection
-        if len(client.channels) >= limit:
+        if len(client.channels) >= limit and sum(not is_internal(c) for c in client.channels) >= limit:
             raise LimitExceededError(
                 "max_channels_per_connection",
                 f"a stream may subscribe to at most {limit} channels (max_channels_per_connection)",

@@ -96,3 +96,12 @@ def test_presence_is_cluster_wide_and_a_killed_worker_leaves_within_its_lease(re
         assert presence_of(watcher) == ("bob", "left", 0)
         members = httpx.get(one + "/presence", params={"channel": "doc"}).json()["members"]
         assert members == {"w": 1, "alice": 1}
+
+
+def test_presence_does_not_count_against_the_channel_limit() -> None:
+    app = router_app(fast_settings(max_channels_per_connection=3), identify=identify)
+    with served(app) as (srv, sse):
+        params = {"channel": ["a", "b", "c"], "user": "u", "presence": "true"}
+        with open_stream(srv.url + "/subscribe", params=params):
+            client = srv.call(sse.get_clients)[0]
+            assert {"a", "b", "c"} <= client.channels
