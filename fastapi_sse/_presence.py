@@ -1,7 +1,7 @@
 """Presence: who is on a channel, across every worker, and the ``presence`` events
 that say when an identity joins or leaves it.
 
-An identity is on a channel while one of its streams (opened with ``identity``, the
+With the ``presence`` setting on, an identity is on a channel while one of its streams (opened with ``identity``, the
 router's ``identify``) is subscribed to it, on any worker. Subscribers that ask for
 presence (``sse.presence.watch``, the router's ``presence=true``) receive, in band, a
 ``presence`` event each time an identity joins (its first stream, cluster-wide) or
@@ -27,6 +27,7 @@ from fastapi_sse._admission import Admission
 from fastapi_sse._names import PRESENCE_EVENT, presence_channel
 from fastapi_sse._registry import Registry
 from fastapi_sse.backends.base import Backend, Coordination, NoCoordination, Publication
+from fastapi_sse.errors import BadRequestError
 
 logger = logging.getLogger("fastapi_sse")
 
@@ -60,16 +61,23 @@ class Presence:
         self._head = head
         self._subscribe = subscribe
 
+    def _require(self) -> None:
+        if not self._admission.settings.presence:
+            raise BadRequestError("presence is off: turn it on with presence=True (SSE_PRESENCE=true)")
+
     def watch(self, client_id: str, channel: str) -> bool:
         """Send a client the ``presence`` events of ``channel`` (it need not be
-        subscribed to the channel itself); False when there is no such client."""
+        subscribed to the channel itself); False when there is no such client.
+        Raises :class:`BadRequestError` while the ``presence`` setting is off."""
+        self._require()
         self._admission.check_channel(channel)
         return self._subscribe(client_id, presence_channel(channel))
 
     async def snapshot(self, channel: str) -> PresenceSnapshot:
         """Who is on ``channel`` now, on every worker, and the cursor after which its
         ``presence`` events come. Raises :class:`BackendError` when the backend
-        cannot be read."""
+        cannot be read, :class:`BadRequestError` while the ``presence`` setting is off."""
+        self._require()
         self._admission.check_channel(channel)
         cursor = await self._head()
         return PresenceSnapshot(channel=channel, members=await self._members(channel), cursor=str(cursor))
@@ -89,7 +97,7 @@ class LocalPresence:
     def changed(self, channel: str, identity: str, before: int, after: int) -> None:
         """The registry's hook: an identity's streams on a channel here went from
         ``before`` to ``after``."""
-        if (before == 0) != (after == 0):
+        if (before == 0) != (after == 0) and self.admission.settings.presence:
             self.publish(presence_event(self.admission, channel, identity, after))
 
     async def members(self, channel: str) -> dict[str, int]:
@@ -161,7 +169,7 @@ def make_presence(
     backend: Backend, admission: Admission, registry: Registry, publish: Publish, worker_id: str
 ) -> LocalPresence:
     """A service's presence: shared for a ``remote`` backend (over its coordination), else local."""
-    if not backend.remote:
+    if not backend.remote or not admission.settings.presence:
         return LocalPresence(admission, registry, publish)
     coordination = backend.coordination or NoCoordination()
     return SharedPresence(admission, registry, publish, coordination, worker_id)

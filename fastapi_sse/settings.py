@@ -92,6 +92,14 @@ class SSESettings(BaseSettings):
             "the oldest go first."
         ),
     )
+    presence: bool = Field(
+        default=False,
+        description=(
+            "Track who is on each channel (`sse.presence`, the router's `presence=true`): each "
+            "subscribe and end of a stream opened with an identity then updates it, on a shared "
+            "backend with a round trip to the store."
+        ),
+    )
     presence_interval: float = Field(
         default=5.0,
         gt=0,

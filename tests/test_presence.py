@@ -28,7 +28,7 @@ def presence_of(stream: Stream) -> tuple[str, str, int]:
 
 
 def test_joins_and_leaves_reach_who_asked_and_the_snapshot_adds_up() -> None:
-    with served(router_app(identify=identify)) as (srv, sse):
+    with served(router_app(fast_settings(presence=True), identify=identify)) as (srv, sse):
         url = srv.url + "/subscribe"
         with open_stream(url, params={"channel": "doc", "user": "watcher", "presence": "true"}) as watcher:
             with open_stream(url, params={"channel": "doc", "user": "alice"}):
@@ -45,7 +45,7 @@ def test_joins_and_leaves_reach_who_asked_and_the_snapshot_adds_up() -> None:
 
 
 def test_a_snapshot_cursor_starts_a_watcher_without_a_race() -> None:
-    with served(router_app(identify=identify)) as (srv, sse):
+    with served(router_app(fast_settings(presence=True), identify=identify)) as (srv, sse):
         url = srv.url + "/subscribe"
         with open_stream(url, params={"channel": "room", "user": "alice"}):
             snapshot = srv.call(sse.presence.snapshot, "room")
@@ -61,7 +61,7 @@ def test_a_snapshot_cursor_starts_a_watcher_without_a_race() -> None:
 
 
 def test_an_apps_own_route_asks_for_presence_too() -> None:
-    app = FastAPI(lifespan=sse_lifespan(fast_settings()))
+    app = FastAPI(lifespan=sse_lifespan(fast_settings(presence=True)))
 
     @app.get("/watch")
     async def watch(sse: SSEDep, user: str, room: str) -> Any:
@@ -80,7 +80,7 @@ def test_an_apps_own_route_asks_for_presence_too() -> None:
 
 def test_presence_is_cluster_wide_and_a_killed_worker_leaves_within_its_lease(redis_server: RedisServer) -> None:
     with (
-        workers(2, redis_server, presence_interval=0.2) as [(one, _), (two, doomed)],
+        workers(2, redis_server, presence_interval=0.2, presence=True) as [(one, _), (two, doomed)],
         open_stream(one + "/subscribe", params={"channel": "doc", "user": "w", "presence": "true"}) as watcher,
         open_stream(one + "/subscribe", params={"channel": "doc", "user": "alice"}),
         open_stream(two + "/subscribe", params={"channel": "doc", "user": "bob"}),
@@ -99,9 +99,15 @@ def test_presence_is_cluster_wide_and_a_killed_worker_leaves_within_its_lease(re
 
 
 def test_presence_does_not_count_against_the_channel_limit() -> None:
-    app = router_app(fast_settings(max_channels_per_connection=3), identify=identify)
+    app = router_app(fast_settings(max_channels_per_connection=3, presence=True), identify=identify)
     with served(app) as (srv, sse):
         params = {"channel": ["a", "b", "c"], "user": "u", "presence": "true"}
         with open_stream(srv.url + "/subscribe", params=params):
             client = srv.call(sse.get_clients)[0]
             assert {"a", "b", "c"} <= client.channels
+
+
+def test_presence_is_off_unless_asked_for_and_says_so() -> None:
+    with served(router_app(identify=identify)) as (srv, _):
+        response = httpx.get(srv.url + "/subscribe", params={"channel": "doc", "user": "u", "presence": "true"})
+        assert response.status_code == 400 and "SSE_PRESENCE" in response.json()["detail"]

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict, deque
-from collections.abc import Collection, Sequence
+from collections.abc import Collection
 
-from fastapi_sse.backends.base import Backend, Message, Publication, Replay, RunLedger, RunState, Sink
+from fastapi_sse.backends.base import Backend, Message, Replay, RunLedger, RunState, Sink
 
 # Index entries kept apart from the history: ids of events for one client, and ids
 # whose events are gone (each for one TTL).
@@ -92,17 +92,6 @@ class MemoryBackend(Backend):
         history: int | None = None,
     ) -> Message:
         return self.publish_nowait(channel, payload, event_id, store=store, index=index, history=history)
-
-    async def publish_many(self, publications: Sequence[Publication]) -> list[Message]:
-        """Publish the whole batch in order without suspending: nothing else runs
-        between two of its events (each goes through :meth:`publish`)."""
-        publish = self.publish
-        messages = []
-        for p in publications:
-            # ``history`` only when set, as Backend.publish_many passes it.
-            extra = {} if p.history is None else {"history": p.history}
-            messages.append(await publish(p.channel, p.payload, p.event_id, store=p.store, index=p.index, **extra))
-        return messages
 
     def publish_nowait(
         self,
