@@ -11,6 +11,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from fastapi_sse import _positions
 from fastapi_sse import _wire as wire
 from fastapi_sse._counters import Counters
 from fastapi_sse._names import ALL_CHANNEL, is_internal
@@ -26,13 +27,22 @@ _NONE_DECLARED: dict[str, EventType] = {}
 class Admission:
     """The checks and limits of one service's settings."""
 
-    __slots__ = ("_channel_re", "_declared", "counters", "events", "settings")
+    __slots__ = ("_channel_re", "_declared", "counters", "cursor_length", "events", "settings")
 
-    def __init__(self, settings: SSESettings, counters: Counters, events: EventTypes | None = None) -> None:
+    def __init__(
+        self, settings: SSESettings, counters: Counters, events: EventTypes | None = None, *, positions: bool = False
+    ) -> None:
         self.settings = settings
         self.counters = counters
         self.events = events
         self._channel_re = re.compile(settings.channel_pattern)
+        self.cursor_length = settings.max_last_event_id_length
+        """The longest ``Last-Event-ID`` accepted: longer where ids carry a position on
+        each channel of a stream (``positions``: its own channels and the service's)."""
+        if positions:
+            self.cursor_length = _positions.longest(
+                settings.max_channels_per_connection + 8, settings.max_last_event_id_length
+            )
         # A live read-only view: events declared after the service was built count too.
         self._declared: Mapping[str, EventType] = events.types if events is not None else _NONE_DECLARED
 
@@ -68,7 +78,7 @@ class Admission:
         if last_event_id is None:
             return None
         try:
-            wire.check_last_event_id(last_event_id, self.settings.max_last_event_id_length)
+            wire.check_last_event_id(last_event_id, self.cursor_length)
         except ValueError as exc:
             raise BadRequestError(str(exc)) from None
         return last_event_id or None

@@ -11,7 +11,7 @@ alone waits for nothing; a storm of them costs a few reads, not one each.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 
 from fastapi_sse.backends.base import Backend, Replay
 
@@ -37,6 +37,11 @@ class SharedReplays:
         if self._reader is None:
             self._reader = asyncio.get_running_loop().create_task(self._read())
         return await future
+
+    async def replay_each(self, cursors: Mapping[str, int]) -> Replay:
+        """What :meth:`Backend.replay_each` answers (read on its own)."""
+        self.reads += 1
+        return await self._backend.replay_each(cursors)
 
     async def _read(self) -> None:
         try:

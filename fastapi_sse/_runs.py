@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 from starlette.responses import Response
 
-from fastapi_sse import middleware
+from fastapi_sse import _positions, middleware
 from fastapi_sse._admission import Admission
 from fastapi_sse._names import RUN_END_EVENT, RUN_END_PREFIX, run_channel, run_of
 from fastapi_sse._publishing import Publisher
@@ -87,7 +87,7 @@ class Runs:
         :class:`RunExistsError` (409): an id never shows a stale run."""
         run_id = self.check_id(run_id) if run_id is not None else uuid.uuid4().hex
         settings = self.settings
-        first = await self.backend.head()
+        first = (await self.backend.heads([run_channel(run_id)]))[run_channel(run_id)]
         if not await self.ledger.begin(
             run_id, self.worker_id, first=first, lease=settings.run_lease, retain=settings.run_retention
         ):
@@ -212,8 +212,8 @@ class Runs:
         if not state.ended or not cursor:
             return state.first
         channel = run_channel(run_id)
-        after = await self.backend.resolve(cursor, [channel])
-        if after is not None and not (await self.backend.replay([channel], after)).messages:
+        cursors = await _positions.cursors_of(self.backend, cursor, [channel])
+        if cursors is not None and not (await self.backend.replay([channel], cursors[channel])).messages:
             return None
         return state.first
 

@@ -15,14 +15,23 @@ import random
 from collections.abc import Callable, Collection
 from datetime import UTC, datetime
 
+from fastapi_sse import _positions
 from fastapi_sse import _wire as wire
 from fastapi_sse._cluster import LocalCluster
 from fastapi_sse._counters import Counters
-from fastapi_sse._names import ALL_CHANNEL, GAP_EVENT, is_internal, is_run_end, new_client_id, run_channel
+from fastapi_sse._names import (
+    ALL_CHANNEL,
+    CLIENT_CHANNEL_PREFIX,
+    GAP_EVENT,
+    is_internal,
+    is_run_end,
+    new_client_id,
+    run_channel,
+)
 from fastapi_sse._registry import Registry, readable
 from fastapi_sse._replays import SharedReplays
 from fastapi_sse._writer import Outlet, Writer
-from fastapi_sse.backends.base import Backend
+from fastapi_sse.backends.base import Backend, Replay
 from fastapi_sse.client import DisconnectReason, Frame, SSEClient
 from fastapi_sse.errors import LimitExceededError
 from fastapi_sse.response import RefusedStream, SSEResponse
@@ -92,6 +101,8 @@ class Streams:
             policy=self.settings.overflow_policy,
         )
         client.on_overflow = self.on_overflow
+        if not self.backend.ordered:
+            client.positions = {}
         return client
 
     @property
@@ -199,6 +210,8 @@ class Streams:
         if view is not None:
             return await self._run_opening(client, *view)
         chunks = [self.retry_hint()]
+        if client.positions is not None:
+            return chunks + await self._opening_each(client, client.positions)
         if client.last_event_id is None:
             chunks.append(wire.cursor_frame(str(await self.backend.head())))
             return chunks
@@ -219,9 +232,43 @@ class Streams:
         self.counters.events_sent += len(merged)
         if replay.gaps:
             self.counters.resume_gaps += 1
-            chunks.append(_gap_frame(replay.head, replay.gaps, client.last_event_id))
+            chunks.append(_gap_frame(str(replay.head), replay.gaps, client.last_event_id))
         elif last < replay.head:
             chunks.append(wire.cursor_frame(str(replay.head)))
+        return chunks
+
+    async def _opening_each(self, client: SSEClient, positions: dict[str, int]) -> list[bytes]:
+        """:meth:`_opening` for a backend that numbers each channel on its own: the
+        stream's ids carry its position on each channel, and a resume reads each
+        channel from its own."""
+        named = dict.fromkeys([*client.channels, ALL_CHANNEL])
+        channels = [c for c in named if not c.startswith(CLIENT_CHANNEL_PREFIX)]
+        if client.last_event_id is None:
+            positions.update(await self.backend.heads(channels))
+            return [wire.cursor_frame(_positions.encode(positions))]
+        self.counters.resumes += 1
+        cursors = await _positions.cursors_of(self.backend, client.last_event_id, channels)
+        if cursors is None:
+            heads = await self.backend.heads(channels)
+            replay = Replay((), 0, frozenset(channels), heads=heads)
+        else:
+            replay = await self.replays.replay_each(cursors)
+            positions.update(cursors)
+        heads = dict(replay.heads or {})
+        replayed = {c: heads[c] for c in channels if c not in replay.gaps}
+        client.skip_replayed_each(replayed)
+        frames = [Frame(m.seq, m.channel, wire.frame(m.id, m.payload)) for m in replay.messages]
+        queued = [f for f in client.take_frames() if f.seq > replayed.get(f.channel, 0)]
+        merged = sorted(frames + queued, key=lambda f: f.seq)
+        chunks = client.render(merged)
+        self.counters.events_sent += len(merged)
+        for channel, head in heads.items():
+            positions[channel] = max(positions.get(channel, 0), head)
+        if replay.gaps:
+            self.counters.resume_gaps += 1
+            chunks.append(_gap_frame(_positions.encode(positions), replay.gaps, client.last_event_id))
+        else:
+            chunks.append(wire.cursor_frame(_positions.encode(positions)))
         return chunks
 
     def fall_behind(self, client: SSEClient, dropped: int) -> None:
@@ -232,16 +279,16 @@ class Streams:
             self.registry.close(client, DisconnectReason.SLOW_CONSUMER, discard=True)
             return
         frames = client.take_frames()
-        after = frames[0].seq - 1 if frames else client.taken_seq
+        after = frames[0].seq - 1 if frames else client.position(self.run_viewers[client.id][0])
         outlet.behind = after if outlet.behind is None else min(outlet.behind, after)
         outlet.wake()
 
     async def catch_up(self, client: SSEClient, outlet: Outlet) -> list[bytes]:
         """What a run viewer missed since it fell behind, from the run's history, merged
         with what is queued; the run's end ends the stream after it."""
-        after = max(outlet.behind or 0, client.taken_seq)
-        outlet.behind = None
         channel = self.run_viewers[client.id][0]
+        after = max(outlet.behind or 0, client.position(channel))
+        outlet.behind = None
         replay = await self.replays.replay([channel], after)
         continuous = frozenset([channel]) - replay.gaps
         client.skip_replayed(replay.head, continuous)
@@ -252,13 +299,14 @@ class Streams:
             client.taken_seq = max(client.taken_seq, merged[-1].seq)
         if any(is_run_end(m.channel, m.payload) for m in replay.messages):
             self.registry.close(client, DisconnectReason.RUN_ENDED, discard=False)
-        return [f.data for f in merged]
+        return client.render(merged)
 
     async def _run_opening(self, client: SSEClient, channel: str, cursor: str | None, first: int) -> list[bytes]:
         """A run viewer's opening: the run from the cursor (from its start without one,
         or after a ``gap`` when the cursor is unknown or history no longer reaches it),
         merged with what is queued; a run that has ended ends the stream after it."""
-        after = first if cursor is None else await self.backend.resolve(cursor, [channel])
+        cursors = None if cursor is None else await _positions.cursors_of(self.backend, cursor, [channel])
+        after = first if cursors is None and cursor is None else (None if cursors is None else cursors[channel])
         replay = await self.replays.replay([channel], first if after is None else max(after, first))
         continuous = frozenset([channel]) - replay.gaps
         client.skip_replayed(replay.head, continuous)
@@ -266,26 +314,35 @@ class Streams:
         if after is None or replay.gaps:
             self.counters.resume_gaps += 1
             # Its id resumes from where the replay starts, should the stream be cut here.
-            chunks.append(_gap_frame(first if after is None else after, [], cursor or ""))
+            chunks.append(_gap_frame(self._id_at(client, channel, first if after is None else after), [], cursor or ""))
         frames = [Frame(m.seq, m.channel, wire.frame(m.id, m.payload)) for m in replay.messages]
         queued = [f for f in client.take_frames() if not (f.seq <= replay.head and f.channel in continuous)]
         merged = sorted(frames + queued, key=lambda f: f.seq)
-        chunks.extend(f.data for f in merged)
+        chunks.extend(client.render(merged))
         if merged:
             client.taken_seq = merged[-1].seq
         self.counters.events_sent += len(merged)
         if any(is_run_end(m.channel, m.payload) for m in replay.messages):
             self.registry.close(client, DisconnectReason.RUN_ENDED, discard=False)
         elif not merged:
-            chunks.append(wire.cursor_frame(str(replay.head)))
+            chunks.append(wire.cursor_frame(self._id_at(client, channel, replay.head)))
         return chunks
 
+    @staticmethod
+    def _id_at(client: SSEClient, channel: str, seq: int) -> str:
+        """The id that puts a stream at ``seq`` on ``channel``."""
+        positions = client.positions
+        if positions is None:
+            return str(seq)
+        positions[channel] = max(positions.get(channel, 0), seq)
+        return _positions.encode(positions)
 
-def _gap_frame(head: int, gaps: Collection[str], last_event_id: str) -> bytes:
+
+def _gap_frame(event_id: str, gaps: Collection[str], last_event_id: str) -> bytes:
     """The ``gap`` event: which channels history no longer covers from the cursor."""
     data = {
         "channels": sorted(c for c in gaps if not is_internal(c)),
         "all": ALL_CHANNEL in gaps,
         "last_event_id": last_event_id,
     }
-    return wire.frame(str(head), wire.frame_payload(GAP_EVENT.encode(), wire.encode_data(data)))
+    return wire.frame(event_id, wire.frame_payload(GAP_EVENT.encode(), wire.encode_data(data)))

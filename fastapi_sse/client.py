@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import TYPE_CHECKING, Protocol
+
+from fastapi_sse import _positions
+from fastapi_sse._names import CLIENT_CHANNEL_PREFIX
 
 if TYPE_CHECKING:
     from fastapi_sse.settings import OverflowPolicy
@@ -81,6 +84,7 @@ class SSEClient:
         "_buffer",
         "_buffered",
         "_floor",
+        "_floors",
         "_limit",
         "_replayed",
         "attached",
@@ -95,6 +99,7 @@ class SSEClient:
         "on_overflow",
         "outlet",
         "overflow_policy",
+        "positions",
         "taken_seq",
     )
 
@@ -129,6 +134,10 @@ class SSEClient:
         # channels are already in the replay: skip them.
         self._floor = 0
         self._replayed = _NO_CHANNELS
+        self._floors: Mapping[str, int] | None = None
+        self.positions: dict[str, int] | None = None
+        """Where the stream is on each channel, when the backend numbers each channel
+        on its own: its event ids then say so (see ``_positions``); None otherwise."""
         self.on_overflow: Callable[[SSEClient, int], None] | None = None
         """Called with the number of frames dropped, 0 meaning "disconnect this client"."""
         self.outlet: Outlet | None = None
@@ -142,6 +151,9 @@ class SSEClient:
         if self.closed:
             return
         if frame.seq <= self._floor and frame.channel in self._replayed:
+            return
+        floors = self._floors
+        if floors is not None and frame.seq <= floors.get(frame.channel, 0):
             return
         size = len(frame.data)
         if self._buffered + size > self._limit and not self._overflow(size):
@@ -157,6 +169,36 @@ class SSEClient:
         """A replay up to ``head`` covered ``channels``: drop live frames it holds."""
         self._floor = head
         self._replayed = channels
+
+    def position(self, channel: str) -> int:
+        """The newest event of ``channel`` taken to be written (of any channel, for a
+        backend with one sequence)."""
+        return self.taken_seq if self.positions is None else self.positions.get(channel, 0)
+
+    def skip_replayed_each(self, heads: Mapping[str, int]) -> None:
+        """A replay covered each channel of ``heads`` up to its head: drop live frames
+        it holds (for a backend that numbers each channel on its own)."""
+        self._floors = heads
+
+    def render(self, frames: list[Frame]) -> list[bytes]:
+        """The bytes of ``frames`` as this stream writes them: shared as they are, or,
+        with :attr:`positions`, each with the stream's id after it."""
+        positions = self.positions
+        if positions is None:
+            return [f.data for f in frames]
+        out = []
+        for f in frames:
+            data = f.data
+            if not f.seq or not data.startswith(b"id: "):
+                out.append(data)
+                continue
+            end = data.index(b"\n")
+            own = data[4:end].decode()
+            if not f.channel.startswith(CLIENT_CHANNEL_PREFIX) and f.seq > positions.get(f.channel, 0):
+                positions[f.channel] = f.seq
+            text = _positions.encode(positions, "" if own == str(f.seq) else own)
+            out.append(b"id: " + text.encode() + data[end:])
+        return out
 
     def _overflow(self, size: int) -> bool:
         """Apply the overflow policy; True when the new frame may still be queued."""
@@ -193,7 +235,10 @@ class SSEClient:
         else:
             count -= 1  # a heartbeat, only ever queued first into an empty buffer
             created = buffer[1].created if count else 0.0
-        chunk = first.data if len(buffer) == 1 else b"".join([f.data for f in buffer])
+        if self.positions is not None:
+            chunk = b"".join(self.render(buffer))
+        else:
+            chunk = first.data if len(buffer) == 1 else b"".join([f.data for f in buffer])
         if buffer[-1].seq:
             self.taken_seq = buffer[-1].seq
         buffer.clear()

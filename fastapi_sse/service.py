@@ -69,7 +69,7 @@ class SSEService:
         self._tasks = Tasks()
         self._signals = SignalHandlers()
         self._counters = counters = Counters()
-        self._admission = Admission(settings, counters, events)
+        self._admission = Admission(settings, counters, events, positions=not backend.ordered)
         self.events = events
         """The typed events (:class:`EventTypes`) whose data every publish validates, or None."""
         self._registry = registry = Registry(

@@ -15,7 +15,7 @@ from fastapi_sse.errors import SettingsError
 
 OverflowPolicy = Literal["disconnect", "drop_oldest", "drop_newest"]
 IdentityLimitPolicy = Literal["remove_oldest", "refuse"]
-BackendName = Literal["memory", "redis"]
+BackendName = Literal["memory", "redis", "redis-cluster"]
 
 ENV_PREFIX = "SSE_"
 
@@ -46,11 +46,14 @@ class SSESettings(BaseSettings):
     )
     backend: BackendName = Field(
         default="memory",
-        description="Where events travel and history is kept: `memory` (one process) or `redis`.",
+        description=(
+            "Where events travel and history is kept: `memory` (one process), `redis` (one Redis "
+            "server) or `redis-cluster` (a Redis Cluster, 7.0 or newer: channels sharded over its masters)."
+        ),
     )
     redis_url: str = Field(
         default="redis://127.0.0.1:6379/0",
-        description="Redis server used when `backend` is `redis`.",
+        description="Redis server used when `backend` is `redis`; any node of the cluster for `redis-cluster`.",
     )
     redis_key_prefix: str = Field(
         default="sse:",
@@ -290,13 +293,19 @@ class SSESettings(BaseSettings):
     @field_validator("backend")
     @classmethod
     def _backend_installed(cls, value: str) -> str:
-        if value == "redis":
+        if value in ("redis", "redis-cluster"):
+            extra = "redis" if value == "redis" else "redis-cluster"
             try:
-                importlib.import_module("redis.asyncio")
+                client = importlib.import_module("redis.asyncio.client")
             except ImportError:
                 raise ValueError(
-                    "the redis backend needs redis-py: pip install 'fastapi-sse-channels[redis]'"
+                    f"the {value} backend needs redis-py: pip install 'fastapi-sse-channels[{extra}]'"
                 ) from None
+            if value == "redis-cluster" and not hasattr(client.PubSub, "ssubscribe"):
+                raise ValueError(
+                    "the redis-cluster backend needs redis-py 8.0 or newer (sharded pub/sub from asyncio): "
+                    "pip install 'fastapi-sse-channels[redis-cluster]'"
+                )
         return value
 
     @field_validator("channel_pattern")

@@ -31,6 +31,10 @@ def backend_for(settings: SSESettings) -> Backend:
         redis_module = importlib.import_module("fastapi_sse.backends.redis")
         backend: Backend = redis_module.RedisBackend.from_settings(settings)
         return backend
+    if settings.backend == "redis-cluster":
+        cluster_module = importlib.import_module("fastapi_sse.backends.redis_cluster")
+        sharded: Backend = cluster_module.RedisClusterBackend.from_settings(settings)
+        return sharded
     raise ValueError(f"unknown backend {settings.backend!r}")  # pragma: no cover
 
 

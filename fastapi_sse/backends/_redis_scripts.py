@@ -24,25 +24,26 @@ from fastapi_sse.backends.base import Message, Publication
 _LUA = files("fastapi_sse.backends").joinpath("lua")
 
 
-def _source(*names: str) -> str:
+def source(*names: str) -> str:
+    """A script: the named files of ``lua/``, in order (shared functions first)."""
     return "".join(_LUA.joinpath(name + ".lua").read_text(encoding="utf-8") for name in names)
 
 
-INIT = _source("counter", "init")
-PUBLISH = _source("sweep", "counter", "id_index", "publish")
-REPLAY = _source("sweep", "replay")
-CLAIM = _source("claim")
+INIT = source("counter", "init")
+PUBLISH = source("sweep", "counter", "id_index", "publish")
+REPLAY = source("sweep", "replay")
+CLAIM = source("claim")
 PRESENCE_SCRIPTS = {
-    "present": _source("presence", "present"),
-    "presence": _source("presence", "presence_get"),
-    "absent": _source("presence", "absent"),
+    "present": source("presence", "present"),
+    "presence": source("presence", "presence_get"),
+    "absent": source("presence", "absent"),
 }
 RUN_SCRIPTS = {
-    "begin": _source("sweep", "run_begin"),
-    "renew": _source("sweep", "run_renew"),
-    "state": _source("sweep", "run_state"),
-    "cancel": _source("run_cancel"),
-    "end": _source("run_end"),
+    "begin": source("sweep", "run_begin"),
+    "renew": source("sweep", "run_renew"),
+    "state": source("sweep", "run_state"),
+    "cancel": source("run_cancel"),
+    "end": source("run_end"),
 }
 
 

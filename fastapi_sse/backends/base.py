@@ -45,6 +45,9 @@ class Replay:
     """For each channel, the sequence number after which its history is complete, when
     the backend reports it: then one read also answers a later cursor on a channel
     that is no gap for the read's own cursor."""
+    heads: Mapping[str, int] | None = None
+    """For a backend that numbers each channel on its own (not :attr:`Backend.ordered`),
+    each channel's head when the replay was read."""
 
 
 _next_publication_key = itertools.count(1).__next__
@@ -95,6 +98,10 @@ class Backend(ABC):
     """
 
     remote: bool = False
+    ordered: bool = True
+    """True when one sequence numbers every channel's events (a cursor is one number);
+    False when each channel has its own (a cursor is a position per channel, and
+    :meth:`replay` takes one)."""
     """True when messages arrive asynchronously from another process, so the
     service must wait for :meth:`listen` before reading history."""
 
@@ -183,6 +190,11 @@ class Backend(ABC):
     async def head(self) -> int:
         """The newest sequence number assigned (0 before the first)."""
 
+    async def heads(self, channels: Collection[str]) -> dict[str, int]:
+        """Each channel's head: an event published from now on comes after it."""
+        head = await self.head()
+        return dict.fromkeys(channels, head)
+
     @abstractmethod
     async def resolve(self, event_id: str, channels: Collection[str]) -> int | None:
         """The sequence number a client reading ``channels`` resumes after, or None
@@ -202,6 +214,14 @@ class Backend(ABC):
         was trimmed past ``after`` is reported in ``gaps`` and its messages left out;
         ``after=None`` (an unknown cursor) makes every channel a gap. History past its
         age is the backend's own to drop."""
+
+    async def replay_each(self, cursors: Mapping[str, int]) -> Replay:
+        """Stored messages on each channel of ``cursors`` after its own cursor, as
+        :meth:`replay` answers for one cursor: what a stream reads when the backend
+        is not :attr:`ordered`. An ordered backend reads from the oldest cursor."""
+        replay = await self.replay(cursors, min(cursors.values(), default=0))
+        messages = [m for m in replay.messages if m.seq > cursors[m.channel]]
+        return Replay(messages, replay.head, replay.gaps, replay.floors)
 
 
 class Coordination(ABC):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 
 from fastapi_sse import BackendError, SSEDep, allow_all, create_sse_router
 
@@ -22,6 +22,15 @@ def identify(request: Request) -> str | None:
 
 app = FastAPI()
 app.include_router(create_sse_router(authorize=allow_all, identify=identify, admin_dependencies=[]))
+
+
+@app.get("/own")
+async def own(request: Request, sse: SSEDep, channel: list[str] = Query()) -> Any:
+    """An app's own endpoint: ``add_client`` with the browser's ``Last-Event-ID``."""
+    client, response = sse.add_client(request.headers.get("last-event-id"))
+    for name in channel:
+        sse.subscribe(client.id, name)
+    return response
 
 
 @app.post("/publish")

@@ -1,0 +1,391 @@
+"""The shard subscriptions of the Redis Cluster backend: which channels this worker
+listens to, on which master each travels, and the messages that arrive on them,
+handed to the :class:`Sink`.
+
+A worker holds one connection per master whose slots its channels hash to, and
+``SSUBSCRIBE``\\ s there to the shard channel of each tag (see ``_cluster_keys``).
+When a connection is lost (its master died and a replica took over, or Redis cut a
+slow subscriber off) or Redis moves a slot away (it then sends ``sunsubscribe``), the
+listener reads the cluster's slot map again, subscribes on the new owner, and reads
+from history what each channel missed before it lets live messages through; what
+history lost is reported to the sink. When the new master lacks events the worker
+saw (writes lost in a failover), it marks them lost there, so that a resume from
+before them gets a ``gap`` instead of skipping them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Collection
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.crc import key_slot
+from redis.exceptions import RedisError
+
+from fastapi_sse._names import CLIENT_CHANNEL_PREFIX
+from fastapi_sse.backends._cluster_keys import ClusterKeys
+from fastapi_sse.backends._redis_scripts import parse_published
+from fastapi_sse.backends.base import Message, Replay, Sink
+from fastapi_sse.errors import BackendError
+
+logger = logging.getLogger("fastapi_sse.redis")
+
+_DELIVER_BATCH = 256
+"""Messages a shard reader delivers before it lets the streams' writer run."""
+
+ReplayEach = Callable[[dict[str, int]], Awaitable[Replay]]
+
+
+class _Shard:
+    """The subscription connection to one master, and the tags routed through it."""
+
+    def __init__(self, name: str, client: aioredis.Redis) -> None:
+        self.name = name
+        self.client = client
+        self.pubsub: Any = client.pubsub()
+        self.tags: set[str] = set()
+        self.reader: asyncio.Task[None] | None = None
+        self.waiting: dict[str, list[asyncio.Future[None]]] = {}
+        self.failed = False
+
+    async def close(self) -> None:
+        if self.reader is not None:
+            self.reader.cancel()
+            with contextlib.suppress(BaseException):
+                await self.reader
+        for futures in self.waiting.values():
+            for future in futures:
+                if not future.done():
+                    future.set_exception(BackendError("the shard subscription connection was lost"))
+        self.waiting.clear()
+        with contextlib.suppress(Exception):
+            await self.pubsub.aclose()
+        with contextlib.suppress(Exception):
+            await self.client.aclose()
+
+
+class ShardListener:
+    """One worker's shard subscriptions on a Redis Cluster.
+
+    ``replay`` reads history after a cursor per channel; ``repair`` marks events a new
+    master lacks (see ``lua/cluster_repair.lua``); ``where`` names the cluster in
+    messages.
+    """
+
+    def __init__(
+        self,
+        keys: ClusterKeys,
+        *,
+        where: str,
+        history_size: int,
+        timeout: float,
+        health_interval: float,
+        max_backoff: float,
+        replay: ReplayEach,
+        repair: Callable[[str, int, list[str]], Awaitable[bool]],
+    ) -> None:
+        self.errors = 0
+        self.reconnects = 0
+        self._keys = keys
+        self._where = where
+        self._history_size = history_size
+        self._timeout = timeout
+        self._health_interval = health_interval
+        self._max_backoff = max_backoff
+        self._replay = replay
+        self._repair = repair
+        self._cluster: RedisCluster | Any = None
+        self._sink: Sink | None = None
+        self._tags: dict[str, set[str]] = {}  # tag -> listened channels
+        self._last: dict[str, int] = {}  # tag -> newest seq delivered
+        self._since: dict[str, int] = {}  # tag -> seq it has been live since
+        self._shards: dict[str, _Shard] = {}  # node name -> its connection
+        self._owner: dict[str, str] = {}  # tag -> node name
+        self._lock = asyncio.Lock()
+        self._unsettled: set[str] = set()  # tags to subscribe again
+        self._resync: asyncio.Task[None] | None = None
+        self._closing = False
+        self._burst = 0
+
+    def start(self, cluster: RedisCluster, sink: Sink) -> None:
+        self._cluster, self._sink, self._closing = cluster, sink, False
+
+    async def stop(self) -> None:
+        self._closing = True
+        if self._resync is not None:
+            self._resync.cancel()
+            with contextlib.suppress(BaseException):
+                await self._resync
+            self._resync = None
+        for shard in list(self._shards.values()):
+            await shard.close()
+        self._shards.clear()
+        self._owner.clear()
+
+    def detach(self) -> None:
+        self._sink = None
+
+    # -- listened channels ------------------------------------------------------------
+
+    async def listen(self, channels: Collection[str]) -> None:
+        """Subscribe (once per tag, on its master) and return when Redis has confirmed
+        it; raises :class:`BackendError` while the master is unreachable."""
+        new = [c for c in dict.fromkeys(channels) if c not in self._tags.get(self._keys.tag(c), ())]
+        if not new:
+            return
+        fresh: list[str] = []
+        for channel in new:
+            tag = self._keys.tag(channel)
+            members = self._tags.setdefault(tag, set())
+            if not members and tag not in self._owner:
+                fresh.append(tag)
+            members.add(channel)
+        try:
+            async with self._lock:
+                await self._subscribe(fresh)
+        except (RedisError, OSError, BackendError, TimeoutError) as exc:
+            self._forget(new)
+            raise BackendError(f"could not subscribe on the Redis Cluster at {self._where}: {exc}") from exc
+        tracked = [t for t in fresh if not t.startswith("w:")]
+        if tracked:
+            # Events before this point are not this worker's to catch up on later.
+            with contextlib.suppress(BackendError, RedisError, OSError):
+                heads = await self._heads(tracked)
+                for tag, head in heads.items():
+                    if tag in self._tags:
+                        self._since[tag] = max(self._since.get(tag, 0), head)
+
+    async def _heads(self, tags: list[str]) -> dict[str, int]:
+        values = await self._cluster.mget_nonatomic([self._keys.sequence(t) for t in tags])
+        return {t: int(v or 0) for t, v in zip(tags, values, strict=True)}
+
+    def _forget(self, channels: Collection[str]) -> None:
+        for channel in channels:
+            tag = self._keys.tag(channel)
+            members = self._tags.get(tag)
+            if members is None:
+                continue
+            members.discard(channel)
+            if not members:
+                del self._tags[tag]
+                self._last.pop(tag, None)
+                self._since.pop(tag, None)
+
+    async def unlisten(self, channels: Collection[str]) -> None:
+        async with self._lock:
+            self._forget(channels)
+            gone = [t for t in self._owner if t not in self._tags]
+            for tag in gone:
+                shard = self._shards.get(self._owner.pop(tag))
+                if shard is None:
+                    continue
+                shard.tags.discard(tag)
+                with contextlib.suppress(RedisError, OSError):
+                    await shard.pubsub.sunsubscribe(self._keys.base(tag))
+
+    # -- subscribing --------------------------------------------------------------------
+
+    def _node_of(self, tag: str) -> Any:
+        return self._cluster.nodes_manager.get_node_from_slot(key_slot(self._keys.base(tag).encode()))
+
+    async def _subscribe(self, tags: Collection[str]) -> None:
+        """Subscribe to the shard channels of ``tags`` on their masters; under the lock."""
+        by_node: dict[str, list[str]] = {}
+        nodes: dict[str, Any] = {}
+        for tag in tags:
+            node = self._node_of(tag)
+            nodes[node.name] = node
+            by_node.setdefault(node.name, []).append(tag)
+        waits: list[asyncio.Future[None]] = []
+        for name, group in by_node.items():
+            shard = await self._shard(nodes[name])
+            loop = asyncio.get_running_loop()
+            for tag in group:
+                future = loop.create_future()
+                shard.waiting.setdefault(self._keys.base(tag), []).append(future)
+                waits.append(future)
+                shard.tags.add(tag)
+                self._owner[tag] = name
+            for tag in group:
+                # One shard channel per call: SSUBSCRIBE takes channels of one slot.
+                await shard.pubsub.ssubscribe(self._keys.base(tag))
+            if shard.reader is None:
+                # Read once subscribed: a connection without subscriptions has nothing to read.
+                shard.reader = asyncio.get_running_loop().create_task(self._read(shard))
+        if waits:
+            async with asyncio.timeout(self._timeout):
+                await asyncio.gather(*waits)
+
+    async def _shard(self, node: Any) -> _Shard:
+        shard = self._shards.get(node.name)
+        if shard is not None and not shard.failed:
+            return shard
+        if shard is not None:
+            await shard.close()
+        # No retries inside redis-py: a silent reconnect would skip the catch-up.
+        client = aioredis.Redis(
+            host=node.host,
+            port=node.port,
+            username=self._cluster.connection_kwargs.get("username"),
+            password=self._cluster.connection_kwargs.get("password"),
+            retry=Retry(NoBackoff(), 0),
+            socket_timeout=self._timeout,
+            socket_connect_timeout=self._timeout,
+            max_connections=1,
+        )
+        shard = self._shards[node.name] = _Shard(node.name, client)
+        return shard
+
+    # -- reading --------------------------------------------------------------------------
+
+    async def _read(self, shard: _Shard) -> None:
+        probe_sent = False
+        try:
+            while True:
+                message = await shard.pubsub.get_message(timeout=self._health_interval)
+                if message is None:
+                    if probe_sent:
+                        raise ConnectionError(f"Redis did not answer PING within {self._health_interval}s")
+                    await shard.pubsub.ping()
+                    probe_sent = True
+                    continue
+                probe_sent = False
+                self._on_message(shard, message)
+                self._burst += 1
+                if self._burst >= _DELIVER_BATCH:
+                    self._burst = 0
+                    await (self._sink.settle() if self._sink is not None else asyncio.sleep(0))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if self._closing:
+                return
+            self.errors += 1
+            shard.failed = True
+            logger.warning("lost the shard subscription connection to %s (%s); resubscribing", shard.name, exc)
+            self._unsettle(shard.tags)
+            for futures in shard.waiting.values():
+                for future in futures:
+                    if not future.done():
+                        future.set_exception(BackendError(f"lost the connection to {shard.name}"))
+            shard.waiting.clear()
+
+    def _on_message(self, shard: _Shard, message: dict[str, Any]) -> None:
+        kind = message["type"]
+        if kind == "smessage":
+            self._handle(parse_published(message["data"]))
+        elif kind == "ssubscribe":
+            for future in shard.waiting.pop(message["channel"].decode(), ()):
+                if not future.done():
+                    future.set_result(None)
+        elif kind == "sunsubscribe":
+            # Redis moved the slot away (or this worker unsubscribed): subscribe again
+            # where it lives now if the tag is still listened to.
+            route = message["channel"].decode()
+            tag = route[len(self._keys.prefix) + 1 : -1]
+            if tag in self._tags and self._owner.get(tag) == shard.name:
+                shard.tags.discard(tag)
+                self._unsettle([tag])
+
+    def _handle(self, message: Message) -> None:
+        tag = self._keys.tag(message.channel)
+        # After a resubscription the catch-up has already delivered these.
+        if message.seq <= self._last.get(tag, 0) or tag not in self._tags:
+            return
+        self._last[tag] = message.seq
+        if self._sink is not None:
+            self._sink.deliver(message)
+
+    # -- recovering -----------------------------------------------------------------------
+
+    def _unsettle(self, tags: Collection[str]) -> None:
+        for tag in tags:
+            self._owner.pop(tag, None)
+        self._unsettled.update(tags)
+        if self._resync is None and not self._closing:
+            self._resync = asyncio.get_running_loop().create_task(self._recover())
+
+    async def _recover(self) -> None:
+        """Subscribe the unsettled tags again where they live now, then catch up; on
+        failure start again after a growing delay."""
+        delay = 0.05
+        try:
+            while self._unsettled and not self._closing:
+                tags = [t for t in self._unsettled if t in self._tags]
+                self._unsettled.clear()
+                try:
+                    async with self._lock:
+                        with contextlib.suppress(Exception):
+                            await self._cluster.nodes_manager.initialize()
+                        for name in [n for n, s in self._shards.items() if s.failed]:
+                            await self._shards.pop(name).close()
+                        await self._subscribe(tags)
+                        await self._catch_up(tags)
+                    self.reconnects += 1
+                    logger.warning("resubscribed %d shard channel(s) on the cluster at %s", len(tags), self._where)
+                    delay = 0.05
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    self.errors += 1
+                    logger.warning(
+                        "cannot resubscribe on the cluster at %s (%s); again in %.2fs", self._where, exc, delay
+                    )
+                    for tag in tags:
+                        self._owner.pop(tag, None)
+                    self._unsettled.update(tags)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, self._max_backoff)
+        finally:
+            self._resync = None
+
+    async def _catch_up(self, tags: list[str]) -> None:
+        """Deliver, in order, what history holds after the newest delivered seq of each
+        tag; report the channels whose history no longer reaches back."""
+        messages: list[Message] = []
+        gaps: set[str] = set()
+        channels: dict[str, int] = {}
+        for tag in tags:
+            after = max(self._since.get(tag, 0), self._last.get(tag, 0))
+            members = sorted(self._tags.get(tag, ()))
+            if tag.startswith("w:"):
+                messages.extend(await self._backlog(tag, after, members, gaps))
+                continue
+            if after and await self._repair(tag, self._last.get(tag, 0), members):
+                logger.warning("the new master of %s lacks events this worker saw: marked lost there", tag)
+            channels.update(dict.fromkeys(members, after))
+        if channels:
+            replay = await self._replay(channels)
+            messages.extend(replay.messages)
+            gaps |= replay.gaps
+        messages.sort(key=lambda m: m.seq)
+        for done, message in enumerate(messages, 1):
+            self._handle(message)
+            if not done % _DELIVER_BATCH and self._sink is not None:
+                await self._sink.settle()
+        if gaps:
+            logger.warning(
+                "history no longer holds what %d channel(s) missed while their shard was unreachable; "
+                "their clients are closed so that they resume",
+                len(gaps),
+            )
+            if self._sink is not None:
+                self._sink.lost(sorted(gaps))
+
+    async def _backlog(self, tag: str, after: int, members: list[str], gaps: set[str]) -> list[Message]:
+        raw = await self._cluster.lrange(self._keys.backlog(tag), 0, -1)
+        backlog = [parse_published(item) for item in raw if isinstance(item, bytes)]
+        missed = [m for m in backlog if m.seq > after]
+        if len(backlog) >= max(self._history_size, 1) and len(missed) == len(backlog):
+            # The backlog overflowed while this worker was cut off: its clients resume.
+            gaps.update(c for c in members if c.startswith(CLIENT_CHANNEL_PREFIX))
+        return missed
+
+
+__all__: list[str] = []  # internal: the Redis Cluster backend uses it
