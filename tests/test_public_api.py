@@ -10,7 +10,13 @@ import fastapi_sse
 
 # Modules whose public names are their own business: optional extras, and helpers
 # imported by their module's name (a way to run the server, the testing helpers).
-OWN_NAMESPACE = {"fastapi_sse.metrics", "fastapi_sse.backends.redis", "fastapi_sse.serving", "fastapi_sse.testing"}
+OWN_NAMESPACE = {
+    "fastapi_sse.metrics",
+    "fastapi_sse.backends.redis",
+    "fastapi_sse.backends.redis_cluster",
+    "fastapi_sse.serving",
+    "fastapi_sse.testing",
+}
 # Modules named with a leading underscore are internal whole; every other module
 # declares its public names in __all__, and each of them is exported.
 

@@ -1,6 +1,5 @@
 """The shard subscriptions of the Redis Cluster backend: which channels this worker
-listens to, on which master each travels, and the messages that arrive on them,
-handed to the :class:`Sink`.
+listens to, on which master each travels, and their messages, handed to the sink.
 
 A worker holds one connection per master whose slots its channels hash to, and
 ``SSUBSCRIBE``\\ s there to the shard channel of each tag (see ``_cluster_keys``).
@@ -21,14 +20,12 @@ import logging
 from collections.abc import Awaitable, Callable, Collection
 from typing import Any
 
-import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.crc import key_slot
 from redis.exceptions import RedisError
 
 from fastapi_sse._names import CLIENT_CHANNEL_PREFIX
+from fastapi_sse.backends._cluster_connection import Shard, shard_client
 from fastapi_sse.backends._cluster_keys import ClusterKeys
 from fastapi_sse.backends._redis_scripts import parse_published
 from fastapi_sse.backends.base import Message, Replay, Sink
@@ -40,34 +37,6 @@ _DELIVER_BATCH = 256
 """Messages a shard reader delivers before it lets the streams' writer run."""
 
 ReplayEach = Callable[[dict[str, int]], Awaitable[Replay]]
-
-
-class _Shard:
-    """The subscription connection to one master, and the tags routed through it."""
-
-    def __init__(self, name: str, client: aioredis.Redis) -> None:
-        self.name = name
-        self.client = client
-        self.pubsub: Any = client.pubsub()
-        self.tags: set[str] = set()
-        self.reader: asyncio.Task[None] | None = None
-        self.waiting: dict[str, list[asyncio.Future[None]]] = {}
-        self.failed = False
-
-    async def close(self) -> None:
-        if self.reader is not None:
-            self.reader.cancel()
-            with contextlib.suppress(BaseException):
-                await self.reader
-        for futures in self.waiting.values():
-            for future in futures:
-                if not future.done():
-                    future.set_exception(BackendError("the shard subscription connection was lost"))
-        self.waiting.clear()
-        with contextlib.suppress(Exception):
-            await self.pubsub.aclose()
-        with contextlib.suppress(Exception):
-            await self.client.aclose()
 
 
 class ShardListener:
@@ -105,7 +74,7 @@ class ShardListener:
         self._tags: dict[str, set[str]] = {}  # tag -> listened channels
         self._last: dict[str, int] = {}  # tag -> newest seq delivered
         self._since: dict[str, int] = {}  # tag -> seq it has been live since
-        self._shards: dict[str, _Shard] = {}  # node name -> its connection
+        self._shards: dict[str, Shard] = {}  # node name -> its connection
         self._owner: dict[str, str] = {}  # tag -> node name
         self._lock = asyncio.Lock()
         self._unsettled: set[str] = set()  # tags to subscribe again
@@ -222,29 +191,19 @@ class ShardListener:
             async with asyncio.timeout(self._timeout):
                 await asyncio.gather(*waits)
 
-    async def _shard(self, node: Any) -> _Shard:
+    async def _shard(self, node: Any) -> Shard:
         shard = self._shards.get(node.name)
         if shard is not None and not shard.failed:
             return shard
         if shard is not None:
             await shard.close()
-        # No retries inside redis-py: a silent reconnect would skip the catch-up.
-        client = aioredis.Redis(
-            host=node.host,
-            port=node.port,
-            username=self._cluster.connection_kwargs.get("username"),
-            password=self._cluster.connection_kwargs.get("password"),
-            retry=Retry(NoBackoff(), 0),
-            socket_timeout=self._timeout,
-            socket_connect_timeout=self._timeout,
-            max_connections=1,
-        )
-        shard = self._shards[node.name] = _Shard(node.name, client)
+        client = shard_client(node, self._cluster, self._timeout)
+        shard = self._shards[node.name] = Shard(node.name, client)
         return shard
 
     # -- reading --------------------------------------------------------------------------
 
-    async def _read(self, shard: _Shard) -> None:
+    async def _read(self, shard: Shard) -> None:
         probe_sent = False
         try:
             while True:
@@ -276,7 +235,7 @@ class ShardListener:
                         future.set_exception(BackendError(f"lost the connection to {shard.name}"))
             shard.waiting.clear()
 
-    def _on_message(self, shard: _Shard, message: dict[str, Any]) -> None:
+    def _on_message(self, shard: Shard, message: dict[str, Any]) -> None:
         kind = message["type"]
         if kind == "smessage":
             self._handle(parse_published(message["data"]))
@@ -388,4 +347,4 @@ class ShardListener:
         return missed
 
 
-__all__: list[str] = []  # internal: the Redis Cluster backend uses it
+__all__: list[str] = []  # internal: the cluster backend uses it

@@ -23,11 +23,10 @@ from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
+from fastapi_sse.backends._cluster_connection import open_cluster
 from fastapi_sse.backends._cluster_keys import ClusterKeys
 from fastapi_sse.backends._cluster_listener import ShardListener
 from fastapi_sse.backends._redis_connection import redact
@@ -137,36 +136,7 @@ class RedisClusterBackend(Backend):
     async def start(self, sink: Sink) -> None:
         """Reach the cluster, read its slot map and check it (Redis 7, scripting);
         raises :class:`BackendError` saying what to fix."""
-        where = redact(self.url)
-        try:
-            cluster = RedisCluster.from_url(
-                self.url,
-                max_connections=self.max_connections,
-                socket_timeout=self.timeout,
-                socket_connect_timeout=self.timeout,
-                retry=Retry(NoBackoff(), 1),
-            )
-        except ValueError as exc:
-            raise BackendError(f"SSE_REDIS_URL {where!r} is not a Redis URL: {exc}") from None
-        try:
-            await cluster.initialize()
-            versions = await cluster.info("server", target_nodes=RedisCluster.PRIMARIES)
-            for node, info in _per_node(versions).items():
-                version = tuple(int(p) for p in str(info.get("redis_version", "0.0")).split(".")[:2])
-                if version < (7, 0):
-                    raise BackendError(
-                        f"Redis at {node} is version {info.get('redis_version')}; the redis-cluster backend "
-                        "needs 7.0 or newer (sharded pub/sub)"
-                    )
-        except BackendError:
-            await cluster.aclose()
-            raise
-        except (RedisError, OSError) as exc:
-            await cluster.aclose()
-            raise BackendError(
-                f"cannot reach the Redis Cluster at {where} ({exc}): check SSE_REDIS_URL, that the nodes run "
-                "with cluster-enabled yes and that the cluster is up (CLUSTER INFO says cluster_state:ok)"
-            ) from None
+        cluster = await open_cluster(self.url, max_connections=self.max_connections, socket_timeout=self.timeout)
         self._cluster = cluster
         self._scripts = {
             "publish": cluster.register_script(PUBLISH),
@@ -347,13 +317,6 @@ class RedisClusterBackend(Backend):
 
 def _pack(*values: int) -> bytes:
     return _HEADER.pack(*values)
-
-
-def _per_node(reply: Any) -> dict[str, dict[str, Any]]:
-    """``INFO`` of several nodes, by node (redis-py answers one node's dict when there is one)."""
-    if isinstance(reply, dict) and reply and all(isinstance(v, dict) for v in reply.values()):
-        return reply
-    return {"the cluster": reply}
 
 
 __all__ = ["RedisClusterBackend"]
