@@ -77,6 +77,13 @@ def decode(event_id: str, channels: Collection[str]) -> dict[str, int] | None:
     return {c: named.get(tag(c), oldest) for c in channels}
 
 
+async def cursor_at(backend: Backend, channels: Collection[str]) -> str:
+    """An id that puts a stream on ``channels`` where they are now."""
+    if backend.ordered:
+        return str(await backend.head())
+    return encode(await backend.heads(channels))
+
+
 async def cursors_of(backend: Backend, event_id: str, channels: Collection[str]) -> dict[str, int] | None:
     """Where a stream resuming from ``event_id`` is on each of ``channels``; None when
     the id is unknown to them."""

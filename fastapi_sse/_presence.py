@@ -23,8 +23,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from fastapi_sse import _positions
 from fastapi_sse._admission import Admission
-from fastapi_sse._names import PRESENCE_EVENT, presence_channel
+from fastapi_sse._names import ALL_CHANNEL, PRESENCE_EVENT, presence_channel
 from fastapi_sse._registry import Registry
 from fastapi_sse.backends.base import Backend, Coordination, NoCoordination, Publication
 from fastapi_sse.errors import BadRequestError
@@ -53,12 +54,12 @@ class Presence:
         self,
         admission: Admission,
         members: Callable[[str], Awaitable[dict[str, int]]],
-        head: Callable[[], Awaitable[int]],
+        backend: Backend,
         subscribe: Callable[[str, str], bool],
     ) -> None:
         self._admission = admission
         self._members = members
-        self._head = head
+        self._backend = backend
         self._subscribe = subscribe
 
     def _require(self) -> None:
@@ -79,8 +80,9 @@ class Presence:
         cannot be read, :class:`BadRequestError` while the ``presence`` setting is off."""
         self._require()
         self._admission.check_channel(channel)
-        cursor = await self._head()
-        return PresenceSnapshot(channel=channel, members=await self._members(channel), cursor=str(cursor))
+        # A page's stream reads the channel, its presence and the service's own channel.
+        cursor = await _positions.cursor_at(self._backend, [channel, presence_channel(channel), ALL_CHANNEL])
+        return PresenceSnapshot(channel=channel, members=await self._members(channel), cursor=cursor)
 
 
 Publish = Callable[[Publication], None]

@@ -25,6 +25,8 @@ class SharedReplays:
         self._backend = backend
         self._waiting: list[_Request] = []
         self._reader: asyncio.Task[None] | None = None
+        self._waiting_each: list[tuple[dict[str, int], asyncio.Future[Replay]]] = []
+        self._reader_each: asyncio.Task[None] | None = None
         self.reads = 0
         """History reads made, each for one or more resuming streams."""
 
@@ -39,9 +41,43 @@ class SharedReplays:
         return await future
 
     async def replay_each(self, cursors: Mapping[str, int]) -> Replay:
-        """What :meth:`Backend.replay_each` answers (read on its own)."""
-        self.reads += 1
-        return await self._backend.replay_each(cursors)
+        """What :meth:`Backend.replay_each` answers, read together with other resumes
+        (for a backend that numbers each channel on its own)."""
+        future: asyncio.Future[Replay] = asyncio.get_running_loop().create_future()
+        self._waiting_each.append((dict(cursors), future))
+        if self._reader_each is None:
+            self._reader_each = asyncio.get_running_loop().create_task(self._read_each())
+        return await future
+
+    async def _read_each(self) -> None:
+        try:
+            while self._waiting_each:
+                batch, self._waiting_each = self._waiting_each, []
+                lowest: dict[str, int] = {}
+                for cursors, _ in batch:
+                    for channel, after in cursors.items():
+                        lowest[channel] = min(lowest.get(channel, after), after)
+                try:
+                    self.reads += 1
+                    shared: Replay | None = await self._backend.replay_each(lowest)
+                except Exception as exc:
+                    shared, error = None, exc
+                for cursors, future in batch:
+                    if future.done():
+                        continue
+                    mine = None if shared is None else narrow_each(shared, cursors, lowest)
+                    try:
+                        if shared is None:
+                            raise error
+                        if mine is None:
+                            self.reads += 1
+                            mine = await self._backend.replay_each(cursors)
+                    except Exception as exc:
+                        future.set_exception(exc)
+                        continue
+                    future.set_result(mine)
+        finally:
+            self._reader_each = None
 
     async def _read(self) -> None:
         try:
@@ -91,6 +127,18 @@ def narrow(shared: Replay, channels: frozenset[str], after: int, lowest: int) ->
             return None
     messages = [m for m in shared.messages if m.seq > after and m.channel in channels]
     return Replay(messages, shared.head, gaps)
+
+
+def narrow_each(shared: Replay, cursors: Mapping[str, int], lowest: Mapping[str, int]) -> Replay | None:
+    """:func:`narrow` for a cursor on each channel."""
+    gaps = shared.gaps & cursors.keys()
+    floors = shared.floors
+    for channel in gaps:
+        if cursors[channel] != lowest[channel] and (floors is None or floors.get(channel, 0) <= cursors[channel]):
+            return None
+    messages = [m for m in shared.messages if m.channel in cursors and m.seq > cursors[m.channel]]
+    heads = None if shared.heads is None else {c: shared.heads[c] for c in cursors}
+    return Replay(messages, shared.head, frozenset(gaps), floors, heads=heads)
 
 
 __all__: list[str] = []  # internal: the service uses it

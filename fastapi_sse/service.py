@@ -91,7 +91,7 @@ class SSEService:
         self._present = make_presence(
             backend, self._admission, registry, self._publisher.publish_nowait, self.worker_id
         )
-        self.presence = Presence(self._admission, self._present.members, backend.head, self._watch)
+        self.presence = Presence(self._admission, self._present.members, backend, self._watch)
         """Who is on each channel, across workers, and its join/leave events (:class:`Presence`)."""
         self.runs = Runs(
             settings, self._admission, self._publisher, backend, backend.runs or MemoryRunLedger(), registry,

@@ -296,6 +296,7 @@ class SSESettings(BaseSettings):
         if value in ("redis", "redis-cluster"):
             extra = "redis" if value == "redis" else "redis-cluster"
             try:
+                importlib.import_module("redis.asyncio")
                 client = importlib.import_module("redis.asyncio.client")
             except ImportError:
                 raise ValueError(

@@ -13,6 +13,8 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from fastapi_sse.backends._redis_connection import redact
+from fastapi_sse.backends._redis_scripts import parse_published
+from fastapi_sse.backends.base import Message
 from fastapi_sse.errors import BackendError
 
 MIN_VERSION = (7, 0)
@@ -96,6 +98,15 @@ def shard_client(node: Any, cluster: RedisCluster, socket_timeout: float) -> aio
         socket_connect_timeout=socket_timeout,
         max_connections=1,
     )
+
+
+async def read_backlog(cluster: RedisCluster, key: str, after: int, size: int) -> tuple[list[Message], bool]:
+    """The events for a worker's clients after ``after`` in its backlog, and whether
+    some may be gone (the backlog filled up with events all after it)."""
+    raw = await cluster.lrange(key, 0, -1)
+    backlog = [parse_published(item) for item in raw if isinstance(item, bytes)]
+    missed = [m for m in backlog if m.seq > after]
+    return missed, len(backlog) >= max(size, 1) and len(missed) == len(backlog)
 
 
 def _per_node(reply: Any) -> dict[str, dict[str, Any]]:

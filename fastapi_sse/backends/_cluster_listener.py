@@ -1,15 +1,12 @@
-"""The shard subscriptions of the Redis Cluster backend: which channels this worker
-listens to, on which master each travels, and their messages, handed to the sink.
+"""The shard subscriptions of the Redis Cluster backend: one connection per master,
+``SSUBSCRIBE`` to each tag's shard channel there, messages handed to the sink.
 
-A worker holds one connection per master whose slots its channels hash to, and
-``SSUBSCRIBE``\\ s there to the shard channel of each tag (see ``_cluster_keys``).
-When a connection is lost (its master died and a replica took over, or Redis cut a
-slow subscriber off) or Redis moves a slot away (it then sends ``sunsubscribe``), the
-listener reads the cluster's slot map again, subscribes on the new owner, and reads
-from history what each channel missed before it lets live messages through; what
-history lost is reported to the sink. When the new master lacks events the worker
-saw (writes lost in a failover), it marks them lost there, so that a resume from
-before them gets a ``gap`` instead of skipping them.
+When a connection is lost (failover, or Redis cut a slow subscriber off) or a slot
+moves (Redis sends ``sunsubscribe``), the listener reads the slot map again,
+subscribes on the new owner and delivers from history what each channel missed
+before the live messages held meanwhile; what history lost goes to the sink. Events
+it saw that a new master lacks (lost in a failover) are marked lost there, so that a
+resume from before them gets a ``gap``.
 """
 
 from __future__ import annotations
@@ -25,16 +22,14 @@ from redis.crc import key_slot
 from redis.exceptions import RedisError
 
 from fastapi_sse._names import CLIENT_CHANNEL_PREFIX
-from fastapi_sse.backends._cluster_connection import Shard, shard_client
+from fastapi_sse.backends._cluster_connection import Shard, read_backlog, shard_client
 from fastapi_sse.backends._cluster_keys import ClusterKeys
 from fastapi_sse.backends._redis_scripts import parse_published
 from fastapi_sse.backends.base import Message, Replay, Sink
 from fastapi_sse.errors import BackendError
 
 logger = logging.getLogger("fastapi_sse.redis")
-
-_DELIVER_BATCH = 256
-"""Messages a shard reader delivers before it lets the streams' writer run."""
+_DELIVER_BATCH = 256  # messages a shard reader delivers before it lets the writer run
 
 ReplayEach = Callable[[dict[str, int]], Awaitable[Replay]]
 
@@ -58,6 +53,7 @@ class ShardListener:
         max_backoff: float,
         replay: ReplayEach,
         repair: Callable[[str, int, list[str]], Awaitable[bool]],
+        heads: Callable[[list[str]], Awaitable[dict[str, int]]],
     ) -> None:
         self.errors = 0
         self.reconnects = 0
@@ -69,6 +65,7 @@ class ShardListener:
         self._max_backoff = max_backoff
         self._replay = replay
         self._repair = repair
+        self._heads = heads
         self._cluster: RedisCluster | Any = None
         self._sink: Sink | None = None
         self._tags: dict[str, set[str]] = {}  # tag -> listened channels
@@ -78,6 +75,7 @@ class ShardListener:
         self._owner: dict[str, str] = {}  # tag -> node name
         self._lock = asyncio.Lock()
         self._unsettled: set[str] = set()  # tags to subscribe again
+        self._held: dict[str, list[Message]] = {}  # tag -> live messages read while it catches up
         self._resync: asyncio.Task[None] | None = None
         self._closing = False
         self._burst = 0
@@ -94,10 +92,9 @@ class ShardListener:
             self._resync = None
         for shard in list(self._shards.values()):
             await shard.close()
-        self._shards.clear()
-        self._owner.clear()
+        self._shards, self._owner = {}, {}
 
-    def detach(self) -> None:
+    def detach(self) -> None:  # the backend closed
         self._sink = None
 
     # -- listened channels ------------------------------------------------------------
@@ -125,14 +122,10 @@ class ShardListener:
         if tracked:
             # Events before this point are not this worker's to catch up on later.
             with contextlib.suppress(BackendError, RedisError, OSError):
-                heads = await self._heads(tracked)
+                heads = await self._heads(tracked)  # a channel's tag is its name
                 for tag, head in heads.items():
                     if tag in self._tags:
                         self._since[tag] = max(self._since.get(tag, 0), head)
-
-    async def _heads(self, tags: list[str]) -> dict[str, int]:
-        values = await self._cluster.mget_nonatomic([self._keys.sequence(t) for t in tags])
-        return {t: int(v or 0) for t, v in zip(tags, values, strict=True)}
 
     def _forget(self, channels: Collection[str]) -> None:
         for channel in channels:
@@ -253,6 +246,14 @@ class ShardListener:
                 self._unsettle([tag])
 
     def _handle(self, message: Message) -> None:
+        """A live message: held while its tag catches up, so that it comes after."""
+        held = self._held.get(self._keys.tag(message.channel))
+        if held is not None:
+            held.append(message)
+        else:
+            self._deliver(message)
+
+    def _deliver(self, message: Message) -> None:
         tag = self._keys.tag(message.channel)
         # After a resubscription the catch-up has already delivered these.
         if message.seq <= self._last.get(tag, 0) or tag not in self._tags:
@@ -266,6 +267,7 @@ class ShardListener:
     def _unsettle(self, tags: Collection[str]) -> None:
         for tag in tags:
             self._owner.pop(tag, None)
+            self._held.setdefault(tag, [])
         self._unsettled.update(tags)
         if self._resync is None and not self._closing:
             self._resync = asyncio.get_running_loop().create_task(self._recover())
@@ -286,6 +288,9 @@ class ShardListener:
                             await self._shards.pop(name).close()
                         await self._subscribe(tags)
                         await self._catch_up(tags)
+                        for tag in tags:
+                            for message in sorted(self._held.pop(tag, ()), key=lambda m: m.seq):
+                                self._deliver(message)
                     self.reconnects += 1
                     logger.warning("resubscribed %d shard channel(s) on the cluster at %s", len(tags), self._where)
                     delay = 0.05
@@ -314,7 +319,11 @@ class ShardListener:
             after = max(self._since.get(tag, 0), self._last.get(tag, 0))
             members = sorted(self._tags.get(tag, ()))
             if tag.startswith("w:"):
-                messages.extend(await self._backlog(tag, after, members, gaps))
+                missed, lost = await read_backlog(self._cluster, self._keys.backlog(tag), after, self._history_size)
+                messages.extend(missed)
+                if lost:
+                    # The backlog overflowed while this worker was cut off: its clients resume.
+                    gaps.update(c for c in members if c.startswith(CLIENT_CHANNEL_PREFIX))
                 continue
             if after and await self._repair(tag, self._last.get(tag, 0), members):
                 logger.warning("the new master of %s lacks events this worker saw: marked lost there", tag)
@@ -325,7 +334,7 @@ class ShardListener:
             gaps |= replay.gaps
         messages.sort(key=lambda m: m.seq)
         for done, message in enumerate(messages, 1):
-            self._handle(message)
+            self._deliver(message)
             if not done % _DELIVER_BATCH and self._sink is not None:
                 await self._sink.settle()
         if gaps:
@@ -336,15 +345,6 @@ class ShardListener:
             )
             if self._sink is not None:
                 self._sink.lost(sorted(gaps))
-
-    async def _backlog(self, tag: str, after: int, members: list[str], gaps: set[str]) -> list[Message]:
-        raw = await self._cluster.lrange(self._keys.backlog(tag), 0, -1)
-        backlog = [parse_published(item) for item in raw if isinstance(item, bytes)]
-        missed = [m for m in backlog if m.seq > after]
-        if len(backlog) >= max(self._history_size, 1) and len(missed) == len(backlog):
-            # The backlog overflowed while this worker was cut off: its clients resume.
-            gaps.update(c for c in members if c.startswith(CLIENT_CHANNEL_PREFIX))
-        return missed
 
 
 __all__: list[str] = []  # internal: the cluster backend uses it

@@ -96,6 +96,7 @@ class RedisClusterBackend(Backend):
             max_backoff=max_backoff,
             replay=self.replay_each,
             repair=self._repair,
+            heads=self.heads,
         )
         self._token_prefix = ""
         self._acknowledged: dict[str, list[str]] = {}
