@@ -4,7 +4,7 @@ A backend that numbers each channel on its own (a Redis Cluster: see
 :attr:`Backend.ordered <fastapi_sse.backends.base.Backend.ordered>`) has no one
 number a ``Last-Event-ID`` could name. There, every id a stream writes says where
 the stream is on each of its channels: ``p:`` then, for each channel, four base-36
-characters naming it (a hash of its name) and its sequence number in base 36,
+characters naming it (a hash of its name) and its sequence number in hexadecimal,
 separated by ``.``; the publisher's own id, if any, follows after ``~``. A resume
 reads every channel from its own position, so it is exact whatever slots the
 channels live in.
@@ -12,6 +12,7 @@ channels live in.
 
 from __future__ import annotations
 
+import bisect
 import zlib
 from collections.abc import Collection, Mapping
 from typing import TYPE_CHECKING
@@ -45,16 +46,55 @@ def tag(channel: str) -> str:
     return found
 
 
+class Positions:
+    """Where one stream is on each channel, and the id that says so, kept up to date
+    one channel at a time (a stream writes an id with every event)."""
+
+    __slots__ = ("_order", "_parts", "_seqs", "_text")
+
+    def __init__(self) -> None:
+        self._seqs: dict[str, int] = {}
+        self._parts: dict[str, str] = {}
+        self._order: list[str] = []
+        self._text: str | None = None
+
+    def get(self, channel: str) -> int:
+        return self._seqs.get(channel, 0)
+
+    def advance(self, channel: str, seq: int) -> None:
+        """The stream is at ``seq`` on ``channel``, unless it is further already."""
+        if seq <= self._seqs.get(channel, -1):
+            return
+        if channel not in self._seqs:
+            bisect.insort(self._order, channel)
+        self._seqs[channel] = seq
+        self._parts[channel] = tag(channel) + format(seq, "x")
+        self._text = None
+
+    def advance_all(self, seqs: Mapping[str, int]) -> None:
+        for channel, seq in seqs.items():
+            self.advance(channel, seq)
+
+    def text(self, own_id: str = "") -> str:
+        """The id; the publisher's own id ``own_id`` follows after ``~``."""
+        text = self._text
+        if text is None:
+            parts = self._parts
+            text = self._text = PREFIX + ".".join([parts[c] for c in self._order])
+        return text + "~" + own_id if own_id else text
+
+
 def encode(positions: Mapping[str, int], own_id: str = "") -> str:
     """The id of a stream at ``positions`` (channel -> sequence number)."""
-    text = PREFIX + ".".join(tag(c) + _base36(s) for c, s in sorted(positions.items()))
-    return text + "~" + own_id if own_id else text
+    found = Positions()
+    found.advance_all(positions)
+    return found.text(own_id)
 
 
 def longest(channels: int, own_id: int) -> int:
     """The longest id of a stream on ``channels`` channels whose publishers' ids are
     up to ``own_id`` characters."""
-    return len(PREFIX) + channels * (4 + 13 + 1) + 1 + own_id
+    return len(PREFIX) + channels * (4 + 16 + 1) + 1 + own_id
 
 
 def decode(event_id: str, channels: Collection[str]) -> dict[str, int] | None:
@@ -68,7 +108,7 @@ def decode(event_id: str, channels: Collection[str]) -> dict[str, int] | None:
         if len(part) < 5:
             return None
         try:
-            named[part[:4]] = int(part[4:], 36)
+            named[part[:4]] = int(part[4:], 16)
         except ValueError:
             return None
     if not named:

@@ -102,7 +102,7 @@ class Streams:
         )
         client.on_overflow = self.on_overflow
         if not self.backend.ordered:
-            client.positions = {}
+            client.positions = _positions.Positions()
         return client
 
     @property
@@ -237,15 +237,15 @@ class Streams:
             chunks.append(wire.cursor_frame(str(replay.head)))
         return chunks
 
-    async def _opening_each(self, client: SSEClient, positions: dict[str, int]) -> list[bytes]:
+    async def _opening_each(self, client: SSEClient, positions: _positions.Positions) -> list[bytes]:
         """:meth:`_opening` for a backend that numbers each channel on its own: the
         stream's ids carry its position on each channel, and a resume reads each
         channel from its own."""
         named = dict.fromkeys([*client.channels, ALL_CHANNEL])
         channels = [c for c in named if not c.startswith(CLIENT_CHANNEL_PREFIX)]
         if client.last_event_id is None:
-            positions.update(await self.backend.heads(channels))
-            return [wire.cursor_frame(_positions.encode(positions))]
+            positions.advance_all(await self.backend.heads(channels))
+            return [wire.cursor_frame(positions.text())]
         self.counters.resumes += 1
         cursors = await _positions.cursors_of(self.backend, client.last_event_id, channels)
         if cursors is None:
@@ -253,7 +253,7 @@ class Streams:
             replay = Replay((), 0, frozenset(channels), heads=heads)
         else:
             replay = await self.replays.replay_each(cursors)
-            positions.update(cursors)
+            positions.advance_all(cursors)
         heads = dict(replay.heads or {})
         replayed = {c: heads[c] for c in channels if c not in replay.gaps}
         client.skip_replayed_each(replayed)
@@ -263,12 +263,12 @@ class Streams:
         chunks = client.render(merged)
         self.counters.events_sent += len(merged)
         for channel, head in heads.items():
-            positions[channel] = max(positions.get(channel, 0), head)
+            positions.advance(channel, head)
         if replay.gaps:
             self.counters.resume_gaps += 1
-            chunks.append(_gap_frame(_positions.encode(positions), replay.gaps, client.last_event_id))
+            chunks.append(_gap_frame(positions.text(), replay.gaps, client.last_event_id))
         else:
-            chunks.append(wire.cursor_frame(_positions.encode(positions)))
+            chunks.append(wire.cursor_frame(positions.text()))
         return chunks
 
     def fall_behind(self, client: SSEClient, dropped: int) -> None:
@@ -334,8 +334,8 @@ class Streams:
         positions = client.positions
         if positions is None:
             return str(seq)
-        positions[channel] = max(positions.get(channel, 0), seq)
-        return _positions.encode(positions)
+        positions.advance(channel, seq)
+        return positions.text()
 
 
 def _gap_frame(event_id: str, gaps: Collection[str], last_event_id: str) -> bytes:

@@ -135,7 +135,7 @@ class SSEClient:
         self._floor = 0
         self._replayed = _NO_CHANNELS
         self._floors: Mapping[str, int] | None = None
-        self.positions: dict[str, int] | None = None
+        self.positions: _positions.Positions | None = None
         """Where the stream is on each channel, when the backend numbers each channel
         on its own: its event ids then say so (see ``_positions``); None otherwise."""
         self.on_overflow: Callable[[SSEClient, int], None] | None = None
@@ -173,7 +173,7 @@ class SSEClient:
     def position(self, channel: str) -> int:
         """The newest event of ``channel`` taken to be written (of any channel, for a
         backend with one sequence)."""
-        return self.taken_seq if self.positions is None else self.positions.get(channel, 0)
+        return self.taken_seq if self.positions is None else self.positions.get(channel)
 
     def skip_replayed_each(self, heads: Mapping[str, int]) -> None:
         """A replay covered each channel of ``heads`` up to its head: drop live frames
@@ -194,9 +194,9 @@ class SSEClient:
                 continue
             end = data.index(b"\n")
             own = data[4:end].decode()
-            if not f.channel.startswith(CLIENT_CHANNEL_PREFIX) and f.seq > positions.get(f.channel, 0):
-                positions[f.channel] = f.seq
-            text = _positions.encode(positions, "" if own == str(f.seq) else own)
+            if not f.channel.startswith(CLIENT_CHANNEL_PREFIX):
+                positions.advance(f.channel, f.seq)
+            text = positions.text("" if own == str(f.seq) else own)
             out.append(b"id: " + text.encode() + data[end:])
         return out
 
