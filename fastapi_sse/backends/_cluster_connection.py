@@ -69,16 +69,20 @@ class Shard:
         self.waiting: dict[str, list[asyncio.Future[None]]] = {}
         self.failed = False
 
+    def fail(self, error: BackendError) -> None:
+        """Subscriptions waiting for Redis's confirmation fail with ``error``."""
+        for futures in self.waiting.values():
+            for future in futures:
+                if not future.done():
+                    future.set_exception(error)
+        self.waiting.clear()
+
     async def close(self) -> None:
         if self.reader is not None:
             self.reader.cancel()
             with contextlib.suppress(BaseException):
                 await self.reader
-        for futures in self.waiting.values():
-            for future in futures:
-                if not future.done():
-                    future.set_exception(BackendError("the shard subscription connection was lost"))
-        self.waiting.clear()
+        self.fail(BackendError("the shard subscription connection was lost"))
         with contextlib.suppress(Exception):
             await self.pubsub.aclose()
         with contextlib.suppress(Exception):

@@ -127,6 +127,13 @@ class ShardListener:
                     if tag in self._tags:
                         self._since[tag] = max(self._since.get(tag, 0), head)
 
+    def position(self, channel: str) -> int | None:
+        """Where a live channel is for this worker (every later event reaches it), or None."""
+        tag = self._keys.tag(channel)
+        if tag not in self._owner or tag in self._held or tag not in self._since:
+            return None
+        return max(self._since[tag], self._last.get(tag, 0))
+
     def _forget(self, channels: Collection[str]) -> None:
         for channel in channels:
             tag = self._keys.tag(channel)
@@ -174,7 +181,6 @@ class ShardListener:
                 waits.append(future)
                 shard.tags.add(tag)
                 self._owner[tag] = name
-            for tag in group:
                 # One shard channel per call: SSUBSCRIBE takes channels of one slot.
                 await shard.pubsub.ssubscribe(self._keys.base(tag))
             if shard.reader is None:
@@ -186,12 +192,10 @@ class ShardListener:
 
     async def _shard(self, node: Any) -> Shard:
         shard = self._shards.get(node.name)
-        if shard is not None and not shard.failed:
-            return shard
-        if shard is not None:
-            await shard.close()
-        client = shard_client(node, self._cluster, self._timeout)
-        shard = self._shards[node.name] = Shard(node.name, client)
+        if shard is None or shard.failed:
+            if shard is not None:
+                await shard.close()
+            shard = self._shards[node.name] = Shard(node.name, shard_client(node, self._cluster, self._timeout))
         return shard
 
     # -- reading --------------------------------------------------------------------------
@@ -222,11 +226,7 @@ class ShardListener:
             shard.failed = True
             logger.warning("lost the shard subscription connection to %s (%s); resubscribing", shard.name, exc)
             self._unsettle(shard.tags)
-            for futures in shard.waiting.values():
-                for future in futures:
-                    if not future.done():
-                        future.set_exception(BackendError(f"lost the connection to {shard.name}"))
-            shard.waiting.clear()
+            shard.fail(BackendError(f"lost the connection to {shard.name}"))
 
     def _on_message(self, shard: Shard, message: dict[str, Any]) -> None:
         kind = message["type"]

@@ -260,9 +260,14 @@ class RedisClusterBackend(Backend):
         return 0
 
     async def heads(self, channels: Collection[str]) -> dict[str, int]:
-        """Each channel's position now: an event stored from now on comes after it."""
-        replay = await self.replay_each(dict.fromkeys(channels, 0), entries=False)
-        return dict(replay.heads or {})
+        """Each channel's position now: an event stored from now on comes after it (for
+        a channel this worker listens to, what it has received so far)."""
+        known = {c: p for c in channels if (p := self._listener.position(c)) is not None}
+        rest = [c for c in channels if c not in known]
+        if rest:
+            replay = await self.replay_each(dict.fromkeys(rest, 0), entries=False)
+            known.update(replay.heads or {})
+        return known
 
     async def resolve(self, event_id: str, channels: Collection[str]) -> int | None:
         """A decimal id is a position on the channel: one channel resumes from it.
