@@ -15,8 +15,9 @@ from typing import Any
 
 import httpx
 import pytest
+from helpers.eventsource import eventsource
 from helpers.redis_cluster import RedisCluster, start_cluster
-from helpers.servers import serve_process
+from helpers.servers import free_port, serve_process
 from helpers.streams import Stream, open_stream, wait_until
 from redis.crc import key_slot
 
@@ -301,3 +302,37 @@ def test_a_worker_cut_off_as_a_slow_subscriber_catches_up_or_says_gap(history: i
             ) as resumed:
                 got_gap = list(resumed.until(lambda e: e.event == "gap"))
                 assert json.loads(got_gap[-1].data)["channels"] == [a]
+
+
+def test_a_real_eventsource_resumes_every_channel_after_its_worker_restarts(redis_cluster: RedisCluster) -> None:
+    a, b, c = channels_on_every_master(redis_cluster)
+    env = env_for(redis_cluster, f"t{uuid.uuid4().hex[:8]}:")
+    port = free_port()
+    with serve_process(APP, env) as (other, _):
+        with serve_process(APP, env, port=port) as (url, first):
+            source = ExitStack()
+            client = source.enter_context(
+                eventsource(f"{url}/subscribe?channel={a}&channel={b}&channel={c}", "package")
+            )
+            client.expect("open")
+            for data, channel in [("a1", a), ("b1", b), ("c1", c)]:
+                publish(other, data, channel=channel)
+                client.expect("e")
+            first.send_signal(signal.SIGTERM)
+            first.wait(10)
+            # While no worker serves the page, every channel moves on.
+            for data, channel in [("b2", b), ("c2", c), ("a2", a)]:
+                publish(other, data, channel=channel)
+        with serve_process(APP, env, port=port), source:
+            # The client came back by itself, with the last id it saw.
+            client.expect("open")
+            for _ in range(3):
+                client.expect("e")
+            publish(other, "live", channel=b)
+            client.expect("e")
+    got = [json.loads(r["data"]) for r in client.of("e")]
+    assert got[:3] == ["a1", "b1", "c1"]
+    assert sorted(got[3:6]) == ["a2", "b2", "c2"] and got[6:] == ["live"]
+    assert client.of("gap") == []
+    resumed_from = [r["lastEventId"] for r in client.of("request") if r["lastEventId"]]
+    assert resumed_from and all(i.startswith("p:") for i in resumed_from)
