@@ -11,7 +11,7 @@ import asyncio
 import math
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from types import FrameType
 from typing import Any
 
@@ -35,6 +35,46 @@ async def end_in_waves(clients: list[SSEClient], window: float, end: Callable[[S
         await asyncio.sleep(max(0.0, start + wave * window / waves - loop.time()))
         for client in clients[wave * size : (wave + 1) * size]:
             end(client)
+
+
+def server_stopping(send: Callable[..., object]) -> Callable[[], Awaitable[object]] | None:
+    """How to wait for the server's own stop, for a server that stops its worker
+    processes without a signal: hypercorn's parent tells its workers through an event,
+    and each worker marks its context ``terminated`` before it waits for open
+    responses. Found from the server's ``send``; None for any other server."""
+    context = getattr(getattr(send, "__self__", None), "context", None)
+    terminated = getattr(context, "terminated", None)
+    wait = getattr(terminated, "wait", None)
+    return wait if callable(wait) and callable(getattr(terminated, "is_set", None)) else None
+
+
+class ServerStop:
+    """Calls ``on_stop`` when a server that stops without a signal to this process
+    (:func:`server_stopping`) stops, as SIGTERM would; the server is found from the
+    first stream's ``send``."""
+
+    def __init__(self, on_stop: Callable[[], None]) -> None:
+        self.on_stop = on_stop
+        self._watch: asyncio.Task[None] | None = None
+        self._seen = False
+
+    def watch(self, send: Callable[..., object]) -> None:
+        if self._seen:
+            return
+        self._seen = True
+        stopping = server_stopping(send)
+        if stopping is not None:
+            self._watch = asyncio.get_running_loop().create_task(self._stopped(stopping))
+
+    async def _stopped(self, stopping: Callable[[], Awaitable[object]]) -> None:
+        await stopping()
+        self.on_stop()
+
+    def cancel(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
+        self._seen = False
 
 
 class SignalHandlers:

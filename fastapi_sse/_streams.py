@@ -12,8 +12,9 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from fastapi_sse import _positions
 from fastapi_sse import _wire as wire
@@ -21,21 +22,23 @@ from fastapi_sse._cluster import LocalCluster
 from fastapi_sse._counters import Counters
 from fastapi_sse._names import (
     ALL_CHANNEL,
-    CLIENT_CHANNEL_PREFIX,
-    GAP_EVENT,
-    is_internal,
     is_run_end,
     new_client_id,
     run_channel,
 )
+from fastapi_sse._opening import gap_frame, opening_each
 from fastapi_sse._registry import Registry, readable
 from fastapi_sse._replays import SharedReplays
+from fastapi_sse._signals import ServerStop
 from fastapi_sse._writer import Outlet, Writer
-from fastapi_sse.backends.base import Backend, Replay
+from fastapi_sse.backends.base import Backend
 from fastapi_sse.client import DisconnectReason, Frame, SSEClient
 from fastapi_sse.errors import LimitExceededError
 from fastapi_sse.response import RefusedStream, SSEResponse
 from fastapi_sse.settings import SSESettings
+
+if TYPE_CHECKING:
+    from starlette.types import Send
 
 logger = logging.getLogger("fastapi_sse")
 
@@ -54,10 +57,12 @@ class Streams:
         *,
         worker_id: str,
         on_overflow: Callable[[SSEClient, int], None],
+        on_stop: Callable[[], None] = lambda: None,
     ) -> None:
         self.settings = settings
         self.worker_id = worker_id
         self.on_overflow = on_overflow
+        self.server_stop = ServerStop(on_stop)
         self.backend = backend
         # A shared backend's history is read once for the streams that resume together.
         self.replays: Backend | SharedReplays = SharedReplays(backend) if backend.remote else backend
@@ -161,6 +166,10 @@ class Streams:
         if self.running.pop(client.id, None) is not None and not self.running:
             self._ended.set()
 
+    def serving(self, send: Send) -> None:
+        """The server's ``send``, seen by each stream (see :class:`ServerStop`)."""
+        self.server_stop.watch(send)
+
     def disconnected(self, client: SSEClient) -> None:
         """The browser went away."""
         self.registry.close(client, DisconnectReason.CLIENT_CLOSED, discard=True)
@@ -177,6 +186,7 @@ class Streams:
     async def wait_ended(self, grace: float) -> None:
         """Wait up to ``grace`` seconds for every stream to end; then abandon the writes
         of those still stuck on clients that stopped reading, and wait a little more."""
+        self.server_stop.cancel()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(grace):
                 await self._ended.wait()
@@ -211,7 +221,7 @@ class Streams:
             return await self._run_opening(client, *view)
         chunks = [self.retry_hint()]
         if client.positions is not None:
-            return chunks + await self._opening_each(client, client.positions)
+            return chunks + await opening_each(self.backend, self.replays, self.counters, client)
         if client.last_event_id is None:
             chunks.append(wire.cursor_frame(str(await self.backend.head())))
             return chunks
@@ -232,43 +242,9 @@ class Streams:
         self.counters.events_sent += len(merged)
         if replay.gaps:
             self.counters.resume_gaps += 1
-            chunks.append(_gap_frame(str(replay.head), replay.gaps, client.last_event_id))
+            chunks.append(gap_frame(str(replay.head), replay.gaps, client.last_event_id))
         elif last < replay.head:
             chunks.append(wire.cursor_frame(str(replay.head)))
-        return chunks
-
-    async def _opening_each(self, client: SSEClient, positions: _positions.Positions) -> list[bytes]:
-        """:meth:`_opening` for a backend that numbers each channel on its own: the
-        stream's ids carry its position on each channel, and a resume reads each
-        channel from its own."""
-        named = dict.fromkeys([*client.channels, ALL_CHANNEL])
-        channels = [c for c in named if not c.startswith(CLIENT_CHANNEL_PREFIX)]
-        if client.last_event_id is None:
-            positions.advance_all(await self.backend.heads(channels))
-            return [wire.cursor_frame(positions.text())]
-        self.counters.resumes += 1
-        cursors = await _positions.cursors_of(self.backend, client.last_event_id, channels)
-        if cursors is None:
-            heads = await self.backend.heads(channels)
-            replay = Replay((), 0, frozenset(channels), heads=heads)
-        else:
-            replay = await self.replays.replay_each(cursors)
-            positions.advance_all(cursors)
-        heads = dict(replay.heads or {})
-        replayed = {c: heads[c] for c in channels if c not in replay.gaps}
-        client.skip_replayed_each(replayed)
-        frames = [Frame(m.seq, m.channel, wire.frame(m.id, m.payload)) for m in replay.messages]
-        queued = [f for f in client.take_frames() if f.seq > replayed.get(f.channel, 0)]
-        merged = sorted(frames + queued, key=lambda f: f.seq)
-        chunks = client.render(merged)
-        self.counters.events_sent += len(merged)
-        for channel, head in heads.items():
-            positions.advance(channel, head)
-        if replay.gaps:
-            self.counters.resume_gaps += 1
-            chunks.append(_gap_frame(positions.text(), replay.gaps, client.last_event_id))
-        else:
-            chunks.append(wire.cursor_frame(positions.text()))
         return chunks
 
     def fall_behind(self, client: SSEClient, dropped: int) -> None:
@@ -314,7 +290,7 @@ class Streams:
         if after is None or replay.gaps:
             self.counters.resume_gaps += 1
             # Its id resumes from where the replay starts, should the stream be cut here.
-            chunks.append(_gap_frame(self._id_at(client, channel, first if after is None else after), [], cursor or ""))
+            chunks.append(gap_frame(self._id_at(client, channel, first if after is None else after), [], cursor or ""))
         frames = [Frame(m.seq, m.channel, wire.frame(m.id, m.payload)) for m in replay.messages]
         queued = [f for f in client.take_frames() if not (f.seq <= replay.head and f.channel in continuous)]
         merged = sorted(frames + queued, key=lambda f: f.seq)
@@ -336,13 +312,3 @@ class Streams:
             return str(seq)
         positions.advance(channel, seq)
         return positions.text()
-
-
-def _gap_frame(event_id: str, gaps: Collection[str], last_event_id: str) -> bytes:
-    """The ``gap`` event: which channels history no longer covers from the cursor."""
-    data = {
-        "channels": sorted(c for c in gaps if not is_internal(c)),
-        "all": ALL_CHANNEL in gaps,
-        "last_event_id": last_event_id,
-    }
-    return wire.frame(event_id, wire.frame_payload(GAP_EVENT.encode(), wire.encode_data(data)))

@@ -60,6 +60,8 @@ class StreamHost(Protocol):
 
     async def catch_up(self, client: SSEClient, outlet: Outlet) -> list[bytes]: ...
 
+    def serving(self, send: Send) -> None: ...
+
 
 class SSEResponse(EventSourceResponse):
     """The response :meth:`SSEService.add_client` returns; return it from the handler.
@@ -145,6 +147,7 @@ class SSEResponse(EventSourceResponse):
         the response's background task. The headers and the opening are already sent;
         :class:`SSEMiddleware` calls it once the route has returned."""
         client, host = self.client, self.host
+        host.serving(send)
         outlet = self.outlet
         if outlet is None:  # closed before it started: nothing to stream
             host.detach(client, client.close_reason or DisconnectReason.CLIENT_CLOSED)

@@ -85,7 +85,7 @@ class SSEService:
         )
         self._streams = Streams(
             settings, backend, registry, self._cluster, counters, writer,
-            worker_id=self.worker_id, on_overflow=self._fanout.overflow,
+            worker_id=self.worker_id, on_overflow=self._fanout.overflow, on_stop=self.drain,
         )  # fmt: skip
         self._publisher = Publisher(backend, counters, settings, writer)
         self._present = make_presence(

@@ -54,26 +54,19 @@ def serve(app: Any, **config: Any) -> Iterator[Served]:
 
 @contextmanager
 def serve_process(
-    target: str, env: dict[str, str] | None = None, *args: str, port: int | None = None
+    target: str, env: dict[str, str] | None = None, *args: str, port: int | None = None, server: str = "uvicorn"
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """Run ``uvicorn target`` in its own process on ``port`` (a free one by default);
-    yields (url, process). Extra ``args`` go to uvicorn's command line."""
+    """Run ``uvicorn target`` (or ``server``: ``hypercorn``) in its own process on
+    ``port`` (a free one by default); yields (url, process). Extra ``args`` go to the
+    server's command line."""
     port = port or free_port()
     full_env = {**os.environ, **(env or {})}
+    if server == "hypercorn":
+        command = ["hypercorn", "--bind", f"127.0.0.1:{port}", "--log-level", "warning", *args, target]
+    else:
+        command = ["uvicorn", target, "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", *args]
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            target,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-            *args,
-        ],
+        [sys.executable, "-m", *command],
         cwd=ROOT,
         env=full_env,
         stdout=subprocess.PIPE,
