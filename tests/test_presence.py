@@ -9,6 +9,8 @@ import signal
 from typing import Any
 
 import httpx
+import pytest
+import redis.asyncio as aioredis
 from fastapi import FastAPI, Request
 from helpers.apps import fast_settings, router_app, served
 from helpers.redis import RedisServer
@@ -16,6 +18,8 @@ from helpers.streams import Stream, open_stream, wait_until
 from test_redis_cluster import workers
 
 from fastapi_sse import SSEDep, sse_lifespan
+from fastapi_sse.backends._redis_coordination import RedisCoordination
+from fastapi_sse.backends._redis_keys import Keys
 
 
 def identify(request: Request) -> str | None:
@@ -111,3 +115,31 @@ def test_presence_is_off_unless_asked_for_and_says_so() -> None:
     with served(router_app(identify=identify)) as (srv, _):
         response = httpx.get(srv.url + "/subscribe", params={"channel": "doc", "user": "u", "presence": "true"})
         assert response.status_code == 400 and "SSE_PRESENCE" in response.json()["detail"]
+
+
+@pytest.mark.anyio
+async def test_finding_who_left_reads_only_dead_workers_channels(redis_server: RedisServer) -> None:
+    """At volume: thousands of channels with presence cost the periodic check one read
+    per worker while every worker lives; a dead worker's channels are read once."""
+    client = aioredis.Redis(port=redis_server.port)
+    keys = Keys(f"pv{os.getpid()}:")
+    coordination = RedisCoordination(keys, "test")
+    coordination.attach(client)
+    try:
+        await coordination.announce("alive", b"{}", 60)
+        await coordination.announce("doomed", b"{}", 60)
+        for n in range(2000):
+            await coordination.present(f"doc:{n}", "alive", "ann", 1)
+            await coordination.present(f"doc:{n}", "doomed", "bob", 1)
+        await client.config_resetstat()
+        assert await coordination.absent() == []
+        stats = await client.info("commandstats")
+        assert "cmdstat_hgetall" not in stats, stats.get("cmdstat_hgetall")
+        await coordination.withdraw("doomed")
+        left = await coordination.absent()
+        assert sorted(left) == sorted((f"doc:{n}", "bob") for n in range(2000))
+        assert await coordination.absent() == []
+        assert await coordination.presence("doc:7") == {"ann": 1}
+    finally:
+        coordination.detach()
+        await client.aclose()

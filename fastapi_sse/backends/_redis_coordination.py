@@ -135,7 +135,8 @@ class RedisCoordination(Coordination):
     async def present(self, channel: str, worker_id: str, identity: str, streams: int) -> tuple[int, int]:
         keys = self._keys
         args = [channel, worker_id, identity, streams, keys.worker_prefix]
-        before, after = await self._script("present", [keys.presence(channel), keys.presence_channels], args)
+        held = keys.presence_held_prefix + worker_id
+        before, after = await self._script("present", [keys.presence(channel), keys.presence_workers, held], args)
         return int(before), int(after)
 
     async def presence(self, channel: str) -> dict[str, int]:
@@ -144,5 +145,6 @@ class RedisCoordination(Coordination):
 
     async def absent(self) -> list[tuple[str, str]]:
         keys = self._keys
-        flat = await self._script("absent", [keys.presence_channels], [keys.presence_prefix, keys.worker_prefix])
+        prefixes = [keys.presence_prefix, keys.worker_prefix, keys.presence_held_prefix]
+        flat = await self._script("absent", [keys.presence_workers], prefixes)
         return [(flat[i].decode(), flat[i + 1].decode()) for i in range(0, len(flat), 2)]

@@ -25,7 +25,10 @@ class Keys:
         """A channel's history is this and the channel's name."""
         self.worker_prefix = prefix + "wk:"
         self.presence_prefix = prefix + "pres:"
-        self.presence_channels = prefix + "pres"
+        self.presence_workers = prefix + "presw"
+        """Set of the workers that hold presence somewhere."""
+        self.presence_held_prefix = prefix + "presw:"
+        """A worker's set of the channels it holds presence on is this and its id."""
         """A worker's registration is this and its id."""
         self._worker_route = prefix + "w:"
 
