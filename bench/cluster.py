@@ -18,7 +18,9 @@ the two taking turns in every round (which goes first alternates). The load clie
    median time from the request to the last replayed event, Redis commands per resume.
 
 Redis commands are ``INFO commandstats`` summed over the masters (one Redis: the
-server), just before and just after; commands that scripts run count one each.
+server), just before and just after; commands that scripts run count one each. The
+script time is the ``usec`` Redis reports for its script calls (the commands they run
+included): what a master spends executing them, without the network I/O around them.
 
 Usage: ``python -m bench.cluster [--rounds 3] [--subscribers 1000] ...``; prints each
 round, a table of medians (range of the rounds in brackets, the ratio cluster / one
@@ -61,11 +63,15 @@ FIGURES = [
     ("fanout_one_broadcast_s", "fan-out: one broadcast reaches all, p50", "ms"),
     ("fanout_p99_s", "fan-out: delivery latency p99", "ms"),
     ("channels_events_per_s", "many channels: delivered events/s", "rate"),
+    ("channels_script_calls_per_event", "many channels: script calls per published event", "fraction"),
+    ("channels_script_us_per_event", "many channels: Redis script time per published event", "us"),
     ("publish_p50_s", "awaited publish: HTTP request p50", "ms"),
     ("publish_await_p50_s", "awaited publish: await in the worker p50", "ms"),
     ("commands_per_publish", "Redis commands per publish", "count"),
+    ("script_us_per_publish", "Redis script time per publish", "us"),
     ("resume_s", "resume: request to last replayed event", "ms"),
     ("commands_per_resume", "Redis commands per resume", "count"),
+    ("script_us_per_resume", "Redis script time per resume", "us"),
 ]
 
 
@@ -74,6 +80,10 @@ def _show(value: float, how: str) -> str:
         return f"{value:,.0f}"
     if how == "ms":
         return f"{value * 1000:.2f} ms" if value < 0.01 else f"{value * 1000:.1f} ms"
+    if how == "fraction":
+        return f"{value:.3f}"
+    if how == "us":
+        return f"{value:.1f} us"
     return f"{value:.1f}"
 
 
@@ -214,7 +224,8 @@ def table(result: dict[str, Any]) -> str:
             if key in medians.get(mode, {}):
                 low, high = ranges[mode][key]
                 shown = _show(medians[mode][key], how)
-                cells.append(f"{shown} ({_show(low, how).removesuffix(' ms')}-{_show(high, how)})")
+                unit = " ms" if how == "ms" else " us" if how == "us" else ""
+                cells.append(f"{shown} ({_show(low, how).removesuffix(unit)}-{_show(high, how)})")
             else:
                 cells.append("-")
         if key in result["ratio"]:

@@ -27,8 +27,15 @@ WARM_UP = 1_000_000
 """Indices of warm-up events start here, away from the measured ones."""
 
 
+SCRIPTS = ("evalsha", "eval", "evalsha_ro", "eval_ro", "fcall", "fcall_ro")
+SCRIPT_US = "script microseconds"
+"""Not a command: the time Redis spent running scripts (their ``usec``, which includes
+the commands they call), read with the calls."""
+
+
 class Commands:
-    """Calls per command summed over some Redis servers (``INFO commandstats``)."""
+    """Calls per command summed over some Redis servers (``INFO commandstats``), and
+    the microseconds spent in scripts."""
 
     def __init__(self, ports: list[int]) -> None:
         self.clients = [redis.Redis(host="127.0.0.1", port=p, decode_responses=True) for p in ports]
@@ -40,14 +47,20 @@ class Commands:
             for name, values in stats.items():
                 command = name.removeprefix("cmdstat_")
                 totals[command] = totals.get(command, 0) + int(values["calls"])
+                if command in SCRIPTS:
+                    totals[SCRIPT_US] = totals.get(SCRIPT_US, 0) + int(values["usec"])
         return totals
 
     @staticmethod
     def spent(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
         """Calls made between two readings, without the readings' own ``INFO`` and the
         replicas' ``REPLCONF ACK`` (replication, not the workers')."""
-        spent = {k: v - before.get(k, 0) for k, v in after.items() if k not in ("info", "replconf")}
+        spent = {k: v - before.get(k, 0) for k, v in after.items() if k not in ("info", "replconf", SCRIPT_US)}
         return {k: v for k, v in sorted(spent.items(), key=lambda kv: -kv[1]) if v}
+
+    @staticmethod
+    def script_us(before: dict[str, int], after: dict[str, int]) -> int:
+        return after.get(SCRIPT_US, 0) - before.get(SCRIPT_US, 0)
 
     def close(self) -> None:
         for client in self.clients:
@@ -145,6 +158,8 @@ async def channels(loads: list[Load], spec: dict[str, Any]) -> dict[str, Any]:
     await warmed(warm_up, count, deadline)
     tally.latencies = array("d")
     received, events = tally.received, count * spec["burst"]
+    commands = Commands(spec["redis_ports"])
+    before = commands.read()
     sent = await first.post("/publish_users", n=events, users=count, start=0, size=spec["size"], send_to=0)
     expected = events * each
 
@@ -156,9 +171,13 @@ async def channels(loads: list[Load], spec: dict[str, Any]) -> dict[str, Any]:
         await first.until(lambda: tally.received - received >= expected, deadline, "every event of the burst")
         await first.until(lambda: delivered_now() >= expected, deadline, "every event of the burst")
     delivered = delivered_now()
+    after = commands.read()
+    commands.close()
     latency = quantiles(tally.latencies)
     return {
         "channels_events_per_s": delivered / (tally.last_recv - sent) if delivered else 0.0,
+        "channels_script_calls_per_event": after.get("evalsha", 0) / events - before.get("evalsha", 0) / events,
+        "channels_script_us_per_event": Commands.script_us(before, after) / events,
         "channels_p99_s": latency["p99"],
         "channels_lost": expected - delivered,
     }
@@ -181,7 +200,8 @@ async def publish(loads: list[Load], spec: dict[str, Any]) -> dict[str, Any]:
             await one(index)
         before = commands.read()
         took = [await one(index) for index in range(spec["publishes"])]
-        spent = Commands.spent(before, commands.read())
+        after = commands.read()
+        spent, script_us = Commands.spent(before, after), Commands.script_us(before, after)
     finally:
         commands.close()
     count = spec["publishes"]
@@ -189,6 +209,7 @@ async def publish(loads: list[Load], spec: dict[str, Any]) -> dict[str, Any]:
         "publish_p50_s": statistics.median(t for t, _ in took),
         "publish_await_p50_s": statistics.median(a for _, a in took),
         "commands_per_publish": sum(spent.values()) / count,
+        "script_us_per_publish": script_us / count,
         "publish_commands": {k: v / count for k, v in spent.items()},
     }
 
@@ -265,6 +286,7 @@ async def resume(loads: list[Load], spec: dict[str, Any]) -> dict[str, Any]:
     commands = Commands(spec["redis_ports"])
     times: list[float] = []
     spent: dict[str, int] = {}
+    script_us = 0
     expected = missed * len(names)
     try:
         for attempt in range(1 + spec["resumes"]):
@@ -287,6 +309,7 @@ async def resume(loads: list[Load], spec: dict[str, Any]) -> dict[str, Any]:
                 raise RuntimeError(f"the resume replayed {stream.events} of {expected} events, {stream.gaps} gaps")
             if attempt:
                 times.append(finished - began)
+                script_us += Commands.script_us(before, after)
                 for k, v in Commands.spent(before, after).items():
                     spent[k] = spent.get(k, 0) + v
     finally:
@@ -295,6 +318,7 @@ async def resume(loads: list[Load], spec: dict[str, Any]) -> dict[str, Any]:
     return {
         "resume_s": statistics.median(times),
         "commands_per_resume": sum(spent.values()) / count,
+        "script_us_per_resume": script_us / count,
         "resume_commands": {k: v / count for k, v in sorted(spent.items(), key=lambda kv: -kv[1])},
     }
 
