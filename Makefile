@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install system-deps js-deps run test test-lowest lint typecheck check bench bench-smoke docs clean
+.PHONY: install system-deps js-deps run test test-lowest lint typecheck check bench bench-smoke bench-cluster docs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -87,6 +87,11 @@ bench: install
 
 bench-smoke: install
 	$(BIN)/python -m bench.run --smoke
+
+# One Redis against a local Redis Cluster (3 masters, a replica each), two workers each:
+# about a minute (docs/performance.md, "Redis Cluster").
+bench-cluster: install
+	$(BIN)/python -m bench.cluster $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) $(LOWEST_VENV) .pytest_cache .mypy_cache .ruff_cache .coverage htmlcov site

@@ -114,3 +114,35 @@ def test_the_reconnect_storm_benchmark_runs_and_moves_every_stream() -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     medians = json.loads(done.stdout.splitlines()[-1])["medians"]
     assert medians["moved"] == 10 and medians["not_exactly_once"] == 0
+
+
+CLUSTER_SMOKE = (
+    *("--rounds", "1", "--subscribers", "20", "--broadcasts", "3", "--channels", "12", "--per-channel", "2"),
+    *("--burst", "3", "--publishes", "20", "--resumes", "2", "--missed", "10", "--deadline", "30"),
+)
+
+
+def test_the_cluster_benchmark_runs_and_prints_every_figure(tmp_path: Path) -> None:
+    from bench.cluster import FIGURES, MODES
+
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.cluster", *CLUSTER_SMOKE, "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    report = json.loads(lines[-1])
+    assert report["failures"] == []
+    for key, label, _ in FIGURES:
+        # A row per figure: both set-ups and their ratio, none left blank.
+        row = next(line for line in lines if line.startswith(label))
+        assert " - " not in f"{row} " and row.rstrip().endswith(")"), row
+        assert all(key in report["medians"][mode] for mode in MODES) and key in report["ratio"]
+    for per in ("publish", "resume"):
+        for name in MODES.values():
+            assert any(line.strip().startswith(f"per {per}, {name}: ") and "evalsha" in line for line in lines)
+    assert all(found[mode]["channels_lost"] == 0 for found in report["rounds"] for mode in MODES)
+    assert (tmp_path / "cluster-latest.json").exists()
