@@ -18,8 +18,13 @@ import pytest
 from helpers.eventsource import eventsource
 from helpers.redis_cluster import RedisCluster, start_cluster
 from helpers.servers import free_port, serve_process
+from helpers.sinks import Inbox
 from helpers.streams import Stream, open_stream, wait_until
 from redis.crc import key_slot
+
+from fastapi_sse import BackendError
+from fastapi_sse.backends.base import Publication
+from fastapi_sse.backends.redis_cluster import RedisClusterBackend
 
 APP = "tests.apps.cluster:app"
 
@@ -336,3 +341,43 @@ def test_a_real_eventsource_resumes_every_channel_after_its_worker_restarts(redi
     assert client.of("gap") == []
     resumed_from = [r["lastEventId"] for r in client.of("request") if r["lastEventId"]]
     assert resumed_from and all(i.startswith("p:") for i in resumed_from)
+
+
+@pytest.mark.anyio
+async def test_more_calls_than_connections_wait_for_one(redis_cluster: RedisCluster) -> None:
+    backend = RedisClusterBackend(redis_cluster.seed_url, key_prefix=f"t{uuid.uuid4().hex[:8]}:", max_connections=4)
+    await backend.start(Inbox())
+    try:
+        channels = [f"many{n}" for n in range(300)]
+        messages = await backend.publish_many([Publication(c, b"data: x\n", None, True) for c in channels])
+        assert [m.channel for m in messages] == channels
+        again = await backend.replay_each({m.channel: m.seq - 1 for m in messages})
+        assert sorted(m.channel for m in again.messages) == sorted(channels) and not again.gaps
+    finally:
+        await backend.close()
+
+
+@pytest.mark.anyio
+async def test_a_batch_sent_again_after_a_partial_failure_is_stored_once(redis_cluster: RedisCluster) -> None:
+    a, b, c = channels_on_every_master(redis_cluster)
+    backend = RedisClusterBackend(redis_cluster.seed_url, key_prefix=f"t{uuid.uuid4().hex[:8]}:", timeout=0.5)
+    await backend.start(Inbox())
+    admin = redis_cluster.client_for(redis_cluster.master_for_slot(key_slot(c.encode())))
+    try:
+        first = await backend.publish_many([Publication(ch, b"data: 0\n", None, True) for ch in (a, b, c)])
+        batch = [Publication(ch, f"data: {n}\n".encode(), None, True) for n in (1, 2) for ch in (a, b, c)]
+        # c's master takes no writes for a while: a and b store the batch, c's call fails.
+        admin.client_pause(10_000, all=False)
+        try:
+            with pytest.raises(BackendError):
+                await backend.publish_many(batch)
+        finally:
+            admin.client_unpause()
+        # Sent again, as the outbox does: every event is stored once.
+        await backend.publish_many(batch)
+        replay = await backend.replay_each({m.channel: m.seq for m in first})
+        stored = sorted((m.channel, m.payload) for m in replay.messages)
+        assert stored == sorted((p.channel, p.payload) for p in batch)
+    finally:
+        admin.close()
+        await backend.close()

@@ -19,7 +19,7 @@ import asyncio
 import struct
 import uuid
 from collections.abc import Collection, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
@@ -49,9 +49,7 @@ _HEADER = struct.Struct(">BHHIHI")
 _MARGIN_US = 1_000_000
 """How far before "now minus the history TTL" a channel without history counts as
 complete: more than a channel's numbers can run ahead of the clock."""
-
-_CALL_EVENTS = 2000
-"""At most this many events per script call (Redis runs nothing else meanwhile)."""
+_CALL_EVENTS = 2000  # events per script call at most: Redis runs nothing else meanwhile
 
 
 class RedisClusterBackend(Backend):
@@ -100,6 +98,7 @@ class RedisClusterBackend(Backend):
         )
         self._token_prefix = ""
         self._acknowledged: dict[str, list[str]] = {}
+        self._slots = asyncio.Semaphore(max_connections)
 
     @classmethod
     def from_settings(cls, settings: SSESettings) -> RedisClusterBackend:
@@ -202,35 +201,45 @@ class RedisClusterBackend(Backend):
         for tag, indexes in groups.items():
             for start in range(0, len(indexes), _CALL_EVENTS):
                 calls.append((tag, indexes[start : start + _CALL_EVENTS]))
-        try:
-            replies = await asyncio.gather(*(self._call(tag, [publications[i] for i in part]) for tag, part in calls))
-        except (RedisError, OSError) as exc:
+        tokens = [
+            self._keys.token(tag, f"{self._token_prefix}{publications[part[0]].key}:{len(part)}") for tag, part in calls
+        ]
+        forgets = {tag: self._acknowledged.pop(tag, []) for tag in groups}
+        replies = await asyncio.gather(
+            *(
+                self._call(tag, [publications[i] for i in part], token, forgets.pop(tag, []))
+                for (tag, part), token in zip(calls, tokens, strict=True)
+            ),
+            return_exceptions=True,
+        )
+        failed = next((r for r in replies if isinstance(r, BaseException)), None)
+        if failed is not None:
+            # Nothing is acknowledged: a call that ran keeps its token, so that the batch
+            # sent again is not stored twice where it was stored already.
             raise BackendError(
                 f"could not publish to channel {publications[0].channel!r} on the Redis Cluster at "
-                f"{redact(self.url)}: {exc}"
-            ) from exc
+                f"{redact(self.url)}: {failed or type(failed).__name__}"
+            ) from failed
+        for (tag, _), token in zip(calls, tokens, strict=True):
+            done = self._acknowledged.setdefault(tag, [])
+            if len(done) < 64:
+                done.append(token)
         messages: list[Message | None] = [None] * len(publications)
-        for (_, part), seqs in zip(calls, replies, strict=True):
+        for (_, part), seqs in zip(calls, cast("list[list[int]]", replies), strict=True):
             for i, seq in zip(part, seqs, strict=True):
                 p = publications[i]
                 messages[i] = Message(seq, p.channel, p.event_id or str(seq), p.payload)
         return [m for m in messages if m is not None]
 
-    async def _call(self, tag: str, chunk: list[Publication]) -> list[int]:
-        token = self._keys.token(tag, f"{self._token_prefix}{chunk[0].key}:{len(chunk)}")
-        forget = self._acknowledged.pop(tag, [])
+    async def _call(self, tag: str, chunk: list[Publication], token: str, forget: list[str]) -> list[int]:
+        """One call of the publish script (it also deletes the token keys ``forget``)."""
         parts: list[bytes] = []
         route = self._keys.base(tag).encode()
         for p in chunk:
             name = p.channel.encode()
             event_id = (p.event_id or "").encode()
-            parts += (
-                _pack(p.store, len(name), len(event_id), len(p.payload), len(route), p.history or 0),
-                name,
-                event_id,
-                p.payload,
-                route,
-            )
+            header = _pack(p.store, len(name), len(event_id), len(p.payload), len(route), p.history or 0)
+            parts += (header, name, event_id, p.payload, route)
         args: list[Any] = [
             self.history_size,
             self._ttl_ms,
@@ -242,15 +251,28 @@ class RedisClusterBackend(Backend):
             _MARGIN_US,
         ]
         try:
-            reply = await self._scripts["publish"]([token, *forget], args)
+            reply = await self._limited("publish", [token, *forget], args)
         except BaseException:
             if forget:
+                # Maybe not deleted: the next call deletes them.
                 self._acknowledged.setdefault(tag, []).extend(forget)
             raise
-        done = self._acknowledged.setdefault(tag, [])
-        if len(done) < 64:
-            done.append(token)
         return [int(s) for s in reply.split(b",")]
+
+    async def _limited(self, name: str, keys: list[Any], args: list[Any]) -> Any:
+        """A script call on one of at most ``max_connections`` connections at once; a
+        caller beyond waits up to ``timeout`` for one, as on one Redis."""
+        try:
+            async with asyncio.timeout(self.timeout):
+                await self._slots.acquire()
+        except TimeoutError:
+            raise BackendError(
+                f"all {self.max_connections} connections to the Redis Cluster are busy (SSE_REDIS_MAX_CONNECTIONS)"
+            ) from None
+        try:
+            return await self._scripts[name](keys, args)
+        finally:
+            self._slots.release()
 
     # -- history ----------------------------------------------------------------------------
 
@@ -287,21 +309,22 @@ class RedisClusterBackend(Backend):
 
     async def replay_each(self, cursors: Mapping[str, int], *, entries: bool = True) -> Replay:
         """What each channel's history holds after its own cursor."""
-        names = list(cursors)
-        script, prefix = self._scripts.get("replay"), self._keys
+        names, prefix = list(cursors), self._keys
         self._client()
-        if script is None:
-            raise BackendError("the redis-cluster backend is not started")
 
         async def one(channel: str) -> Any:
             cursor = cursors[channel] if entries else 2**62
             base = prefix.base(prefix.tag(channel))
-            return await script([prefix.history(channel)], [cursor, base, channel, self._ttl_ms, _MARGIN_US])
+            return await self._limited(
+                "replay", [prefix.history(channel)], [cursor, base, channel, self._ttl_ms, _MARGIN_US]
+            )
 
         try:
             replies = await asyncio.gather(*(one(c) for c in names))
         except (RedisError, OSError) as exc:
-            raise BackendError(f"could not read history from the Redis Cluster at {redact(self.url)}: {exc}") from exc
+            raise BackendError(
+                f"could not read history from the Redis Cluster at {redact(self.url)}: {exc or type(exc).__name__}"
+            ) from exc
         messages: list[Message] = []
         gaps: set[str] = set()
         heads: dict[str, int] = {}
@@ -315,10 +338,8 @@ class RedisClusterBackend(Backend):
         return Replay(messages, max(heads.values(), default=0), frozenset(gaps), floors, heads=heads)
 
     async def _repair(self, tag: str, seen: int, channels: list[str]) -> bool:
-        reply = await self._scripts["repair"](
-            [self._keys.sequence(tag)], [self._keys.base(tag), seen, self._ttl_ms, *channels]
-        )
-        return bool(int(reply))
+        args = [self._keys.base(tag), seen, self._ttl_ms, *channels]
+        return bool(int(await self._limited("repair", [self._keys.sequence(tag)], args)))
 
 
 def _pack(*values: int) -> bytes:
