@@ -145,10 +145,7 @@ def env_for(mode: str, url: str, prefix: str, args: argparse.Namespace) -> dict[
     """The workers' settings: the backend, a key prefix of the run's own, and the
     periodic work (heartbeats, worker stats, subscription probes) far apart, so that
     the commands counted are those of what is measured. Both set-ups get
-    ``--redis-connections`` (512) connections per worker: on a cluster, a call that finds
-    all of its master's connections busy fails at once instead of waiting for one, and
-    1,000 streams opening together (each reads the heads of its channels) or one batch
-    over 300 channels (a script call per channel) make hundreds of calls at once."""
+    ``--redis-connections`` connections per worker (the default of the setting, 50)."""
     return {
         "SSE_BACKEND": "redis" if mode == "redis" else "redis-cluster",
         "SSE_REDIS_URL": url,
@@ -290,8 +287,8 @@ def main() -> None:
     parser.add_argument(
         "--redis-connections",
         type=int,
-        default=512,
-        help="SSE_REDIS_MAX_CONNECTIONS of the workers (the cluster backend sends one call per channel at once)",
+        default=50,
+        help="SSE_REDIS_MAX_CONNECTIONS of the workers (the setting's default)",
     )
     parser.add_argument("--out", type=Path, default=RESULTS, help="directory of the JSON result and the workers' log")
     parser.add_argument("--deadline", type=float, default=120.0, help="longest wait of any step, seconds")
