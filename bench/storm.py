@@ -1,7 +1,8 @@
 """The reconnect storm: N streams over two workers on one Redis; one worker is
 stopped (SIGTERM: it drains its streams in waves over ``drain_window``), and its
 clients reconnect, as EventSource does after each stream's ``retry:`` delay, to the
-other worker with their ``Last-Event-ID``. Measured: the time from the signal until
+other worker with their ``Last-Event-ID``. Beside it, in turns, the baseline: the same
+restart with ``drain_window=0`` and ``retry_jitter=0``. Measured: the time from the signal until
 every moved stream has resumed (its opening arrived), the peak reconnect rate (per
 100 ms), the Redis commands per resume (``INFO commandstats``), and that every
 client still gets the next event once. All on 127.0.0.1.
@@ -112,7 +113,9 @@ def _commands(r: redis.Redis) -> int:
     return sum(int(v["calls"]) for k, v in stats.items() if k.startswith("cmdstat_"))
 
 
-async def storm(streams: int, drain_window: float, retry: float, redis_url: str) -> dict[str, float]:
+async def storm(
+    streams: int, drain_window: float, retry: float, redis_url: str, jitter: float | None = None
+) -> dict[str, float]:
     env = {
         "SSE_BACKEND": "redis",
         "SSE_REDIS_URL": redis_url,
@@ -122,6 +125,8 @@ async def storm(streams: int, drain_window: float, retry: float, redis_url: str)
         "SSE_RETRY_INTERVAL": str(retry),
         "SSE_HEARTBEAT_INTERVAL": "60",
     }
+    if jitter is not None:
+        env["SSE_RETRY_JITTER"] = str(jitter)
     ports = [free_port(), free_port()]
     procs = [_worker(port, env) for port in ports]
     storm_ = Storm(ports[0])
@@ -182,19 +187,25 @@ def main() -> None:
     args = parser.parse_args()
     raise_fd_limit(args.streams * 3 + 200)
     server = start_redis()
-    results = []
+    # The baseline: the same restart without waves or jitter, every stream ended at the
+    # signal with the same retry delay. The two take turns in each repeat.
+    setups = {"spread": (args.drain_window, None), "baseline": (0.0, 0.0)}
+    results: dict[str, list[dict[str, float]]] = {name: [] for name in setups}
     try:
         for repeat in range(args.repeats):
-            results.append(asyncio.run(storm(args.streams, args.drain_window, args.retry, server.url)))
-            print(f"run {repeat + 1}: " + ", ".join(f"{k}={v:.4g}" for k, v in results[-1].items()), flush=True)
+            for name, (window, jitter) in setups.items() if repeat % 2 == 0 else reversed(setups.items()):
+                result = asyncio.run(storm(args.streams, window, args.retry, server.url, jitter))
+                results[name].append(result)
+                print(f"run {repeat + 1} {name}: " + ", ".join(f"{k}={v:.4g}" for k, v in result.items()), flush=True)
     finally:
         server.proc.kill()
         server.proc.wait(10)
-    medians = {k: statistics.median(r[k] for r in results) for k in results[0]}
+    medians = {name: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for name, runs in results.items()}
     print(f"streams={args.streams} drain_window={args.drain_window}s retry={args.retry}s (medians)")
-    for key, value in medians.items():
-        print(f"  {key:28} {value:>12,.2f}")
-    print(json.dumps({"medians": medians, "runs": results}))
+    print(f"  {'':28} {'spread':>12} {'baseline':>12}")
+    for key in medians["spread"]:
+        print(f"  {key:28} {medians['spread'][key]:>12,.2f} {medians['baseline'][key]:>12,.2f}")
+    print(json.dumps({"medians": medians["spread"], "baseline": medians["baseline"], "runs": results}))
 
 
 if __name__ == "__main__":
