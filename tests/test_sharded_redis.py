@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 from helpers.eventsource import eventsource
+from helpers.redis import RedisServer
 from helpers.redis_cluster import RedisCluster, start_cluster
 from helpers.servers import free_port, serve_process
 from helpers.sinks import Inbox
@@ -381,3 +382,14 @@ async def test_a_batch_sent_again_after_a_partial_failure_is_stored_once(redis_c
     finally:
         admin.close()
         await backend.close()
+
+
+@pytest.mark.anyio
+async def test_a_wrong_url_says_what_to_fix(redis_server: RedisServer) -> None:
+    for url in (redis_server.url, f"redis://127.0.0.1:{free_port()}"):
+        backend = RedisClusterBackend(url, timeout=1)
+        with pytest.raises(BackendError, match="cluster-enabled yes") as info:
+            await backend.start(Inbox())
+        assert "SSE_REDIS_URL" in str(info.value)
+    with pytest.raises(BackendError, match="brace"):
+        RedisClusterBackend(redis_server.url, key_prefix="app{1}:")

@@ -10,7 +10,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from fastapi_sse.backends._redis_connection import redact
 from fastapi_sse.backends._redis_scripts import parse_published
@@ -48,7 +48,7 @@ async def open_cluster(url: str, *, max_connections: int, socket_timeout: float)
     except BackendError:
         await cluster.aclose()
         raise
-    except (RedisError, OSError) as exc:
+    except (RedisError, RedisClusterException, OSError) as exc:
         await cluster.aclose()
         raise BackendError(
             f"cannot reach the Redis Cluster at {where} ({exc}): check SSE_REDIS_URL, that the nodes run "
