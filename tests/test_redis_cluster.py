@@ -24,11 +24,12 @@ from helpers.streams import Stream, open_stream, soft_refusal, wait_until
 APP = "tests.apps.cluster:app"
 
 
-def cluster_env(server: RedisServer, prefix: str, **settings: Any) -> dict[str, str]:
-    """``SSE_*`` variables of a worker on ``server``; small intervals keep tests fast."""
+def cluster_env(server: RedisServer | str, prefix: str, **settings: Any) -> dict[str, str]:
+    """``SSE_*`` variables of a worker on ``server`` (or a URL); small intervals keep
+    tests fast."""
     values: dict[str, Any] = {
         "backend": "redis",
-        "redis_url": server.url,
+        "redis_url": server if isinstance(server, str) else server.url,
         "redis_key_prefix": prefix,
         "retry_interval": 0.2,
         "retry_jitter": 0,

@@ -22,6 +22,7 @@ from helpers.servers import free_port, serve_process
 from helpers.sinks import Inbox
 from helpers.streams import Stream, open_stream, wait_until
 from redis.crc import key_slot
+from test_redis_cluster import cluster_env
 
 from fastapi_sse import BackendError
 from fastapi_sse.backends.base import Publication
@@ -31,21 +32,8 @@ APP = "tests.apps.cluster:app"
 
 
 def env_for(cluster: RedisCluster, prefix: str, **settings: Any) -> dict[str, str]:
-    values: dict[str, Any] = {
-        "backend": "redis-cluster",
-        "redis_url": cluster.seed_url,
-        "redis_key_prefix": prefix,
-        "retry_interval": 0.2,
-        "retry_jitter": 0,
-        "drain_window": 0,
-        "heartbeat_interval": 60,
-        "presence_interval": 0.2,
-        "redis_timeout": 1,
-        "redis_max_backoff": 0.2,
-        "redis_health_interval": 1,
-    }
-    values.update(settings)
-    return {f"SSE_{name.upper()}": str(value) for name, value in values.items()}
+    """``SSE_*`` variables of a worker on ``cluster``, as for one Redis otherwise."""
+    return cluster_env(cluster.seed_url, prefix, **{"backend": "redis-cluster", **settings})
 
 
 @contextmanager
