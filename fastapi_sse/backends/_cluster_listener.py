@@ -55,17 +55,10 @@ class ShardListener:
         repair: Callable[[str, int, list[str]], Awaitable[bool]],
         heads: Callable[[list[str]], Awaitable[dict[str, int]]],
     ) -> None:
-        self.errors = 0
-        self.reconnects = 0
-        self._keys = keys
-        self._where = where
-        self._history_size = history_size
-        self._timeout = timeout
-        self._health_interval = health_interval
-        self._max_backoff = max_backoff
-        self._replay = replay
-        self._repair = repair
-        self._heads = heads
+        self.errors = self.reconnects = 0
+        self._keys, self._where, self._history_size = keys, where, history_size
+        self._timeout, self._health_interval, self._max_backoff = timeout, health_interval, max_backoff
+        self._replay, self._repair, self._heads = replay, repair, heads
         self._cluster: RedisCluster | Any = None
         self._sink: Sink | None = None
         self._tags: dict[str, set[str]] = {}  # tag -> listened channels
@@ -77,8 +70,7 @@ class ShardListener:
         self._unsettled: set[str] = set()  # tags to subscribe again
         self._held: dict[str, list[Message]] = {}  # tag -> live messages read while it catches up
         self._resync: asyncio.Task[None] | None = None
-        self._closing = False
-        self._burst = 0
+        self._closing, self._burst = False, 0
 
     def start(self, cluster: RedisCluster, sink: Sink) -> None:
         self._cluster, self._sink, self._closing = cluster, sink, False
@@ -315,6 +307,7 @@ class ShardListener:
         messages: list[Message] = []
         gaps: set[str] = set()
         channels: dict[str, int] = {}
+        seen: dict[str, list[str]] = {}  # tags whose new master may lack what this worker saw
         for tag in tags:
             after = max(self._since.get(tag, 0), self._last.get(tag, 0))
             members = sorted(self._tags.get(tag, ()))
@@ -325,9 +318,14 @@ class ShardListener:
                     # The backlog overflowed while this worker was cut off: its clients resume.
                     gaps.update(c for c in members if c.startswith(CLIENT_CHANNEL_PREFIX))
                 continue
-            if after and await self._repair(tag, self._last.get(tag, 0), members):
-                logger.warning("the new master of %s lacks events this worker saw: marked lost there", tag)
+            if after:
+                seen[tag] = members
             channels.update(dict.fromkeys(members, after))
+        # One repair call per tag, at once (the backend bounds the calls in flight).
+        repaired = await asyncio.gather(*(self._repair(t, self._last.get(t, 0), m) for t, m in seen.items()))
+        for tag, lacked in zip(seen, repaired, strict=True):
+            if lacked:
+                logger.warning("the new master of %s lacks events this worker saw: marked lost there", tag)
         if channels:
             replay = await self._replay(channels)
             messages.extend(replay.messages)
