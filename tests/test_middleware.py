@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import sys
 import weakref
 from collections.abc import AsyncIterator
 from typing import Any
@@ -155,3 +156,38 @@ def test_requests_that_are_not_streams_pass_through(http: Any) -> None:
         assert response.status_code == 200
         assert response.headers["access-control-allow-origin"] == ORIGIN
         assert response.json()["log"] == []
+
+
+def test_the_scope_keeps_what_outer_layers_read() -> None:
+    """Once the stream has left its route, its scope holds neither FastAPI's exit stacks
+    nor its routing state, in a table no bigger than its keys need, and still holds
+    what a layer outside reads once the request ends: the route a metrics middleware
+    labels requests with, the endpoint, the path parameters."""
+    app, _, _ = stream_app(middleware=True)
+    seen: list[tuple[str, list[str], int, int]] = []
+
+    def metrics(inner: Any) -> Any:
+        async def wrapped(scope: Scope, receive: Receive, send: Send) -> None:
+            await inner(scope, receive, send)
+            if scope["type"] == "http" and scope["path"] == "/events":
+                rebuilt: dict[str, Any] = {}
+                for key, value in scope.items():
+                    rebuilt[key] = value
+                seen.append((scope["route"].path, sorted(scope), sys.getsizeof(scope), sys.getsizeof(rebuilt)))
+
+        return wrapped
+
+    app.add_middleware(metrics)
+    with served(app) as (server, sse):
+        with open_stream(f"{server.url}/events") as stream:
+            server.call(sse.broadcast, "feed", "tick", {"n": 1})
+            assert stream.next_event().data == '{"n":1}'
+            [client] = sse.get_clients()
+            server.call(sse.remove_client, client.id)
+            assert list(stream.rest()) == []
+        wait_until(lambda: seen, message="the outer layer saw the request end")
+    [(route, keys, size, smallest)] = seen
+    assert route == "/events"
+    assert {"app", "endpoint", "path_params", "route", "router", "headers", "query_string"} <= set(keys)
+    assert not [key for key in keys if "astack" in key or key == "fastapi"]
+    assert size == smallest
