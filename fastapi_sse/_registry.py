@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from fastapi_sse._names import ALL_CHANNEL, client_channel, identity_channel, is_internal
+from fastapi_sse._names import ALL_CHANNEL, CLIENT_CHANNEL_PREFIX, client_channel, identity_channel, is_internal
 from fastapi_sse.client import SSEClient
 
 _Members = dict[str, SSEClient]
@@ -51,7 +51,12 @@ class Registry:
 
     def members(self, channel: str) -> _Members | None:
         """The clients listening to ``channel`` (the registry's own dict: do not change it)."""
-        return self.channels.get(channel)
+        members = self.channels.get(channel)
+        if members is None and channel.startswith(CLIENT_CHANNEL_PREFIX):
+            client = self.clients.get(channel[len(CLIENT_CHANNEL_PREFIX) :])
+            if client is not None:
+                return {client.id: client}
+        return members
 
     def of_identity(self, identity: str) -> _Members:
         return self.identities.get(identity) or {}
@@ -61,7 +66,9 @@ class Registry:
         if client.identity is not None:
             self.identities.setdefault(client.identity, {})[client.id] = client
         self.join(client, ALL_CHANNEL)
-        self.join(client, client_channel(client.id))
+        # A client's own channel has one member, the client itself: it is found through
+        # ``clients`` (see :meth:`members`) rather than kept as a dict of its own.
+        self._on_first(client_channel(client.id))
 
     def subscribe(self, client: SSEClient, channel: str) -> None:
         client.channels.add(channel)
@@ -114,7 +121,7 @@ class Registry:
             if client.identity is not None and not is_internal(channel):
                 self._count(channel, client.identity, -1)
         self.leave(client, ALL_CHANNEL)
-        self.leave(client, client_channel(client.id))
+        self._on_last(client_channel(client.id))
         if client.identity is not None:
             mine = self.identities.get(client.identity)
             if mine is not None:
