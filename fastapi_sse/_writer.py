@@ -13,13 +13,20 @@ and frames published in the same loop iteration still leave in one write.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Coroutine, Generator
+import math
+from bisect import bisect_left
+from collections.abc import Awaitable, Coroutine, Generator
 from contextvars import Context
+from time import monotonic
+from types import CoroutineType
 from typing import TYPE_CHECKING, Any
+
+from fastapi_sse.stats import LATENCY_BUCKETS
 
 if TYPE_CHECKING:
     from starlette.types import Send
 
+    from fastapi_sse._counters import Counters
     from fastapi_sse.client import SSEClient
 
 _YIELD_EVERY = 512
@@ -148,8 +155,8 @@ class Outlet:
 class Writer:
     """The service's writer task and its queue of parked streams with frames to write."""
 
-    def __init__(self, sent: Callable[[int, int, float], None]) -> None:
-        self._sent = sent
+    def __init__(self, counters: Counters) -> None:
+        self._counters = counters
         self._ready: list[Outlet] = []
         self._wake = asyncio.Event()
         self._writing = False
@@ -182,38 +189,64 @@ class Writer:
                 await self._wake.wait()
                 continue
             batch, self._ready = self._ready, []
-            now = loop.time()
             self._writing = True
             try:
-                for done, outlet in enumerate(batch, 1):
-                    outlet.queued = False
-                    if outlet.behind is not None:
-                        outlet.wake()  # its own task catches up from history first
-                    elif outlet.parked and outlet.client.buffered_bytes and not outlet.client.closed:
-                        self._write(outlet, now)
-                    if not done % _YIELD_EVERY:
+                for start in range(0, len(batch), _YIELD_EVERY):
+                    if start:
                         await asyncio.sleep(0)
-                        now = loop.time()
+                    self._write(batch[start : start + _YIELD_EVERY], loop.time())
             finally:
                 self._writing = False
 
-    def _write(self, outlet: Outlet, now: float) -> None:
-        send, context = outlet.send, outlet.context
-        if send is None or context is None:
-            outlet.wake()
-            return
-        chunk, count, created = outlet.client.take()
-        result = send({"type": "http.response.body", "body": chunk, "more_body": True})
-        coro = result if isinstance(result, Coroutine) else _awaiting(result)
+    def _write(self, outlets: list[Outlet], now: float) -> None:
+        """One ``send`` of what each parked stream of ``outlets`` has buffered. This runs
+        once per stream of every broadcast: it is written for speed (one loop, the
+        counters added up at the end)."""
+        counters = self._counters
+        buckets = counters.latency_buckets
+        events = size = 0
+        latencies = 0.0
+        # The bucket of the last latency and its bounds: a broadcast's writes mostly
+        # fall in the same bucket one after the other.
+        bucket, low, high = 0, -1.0, 0.0
         try:
-            waiting = context.run(coro.send, None)
-        except StopIteration:
-            outlet.last_write = now
-            self._sent(count, len(chunk), created)
-            return
-        except Exception as exc:
-            # The stream's task raises it, as if its own send had failed.
-            outlet.handoff = Handoff(coro, None, exc, count, len(chunk), created)
-        else:
-            outlet.handoff = Handoff(coro, waiting, None, count, len(chunk), created)
-        outlet.wake()
+            for outlet in outlets:
+                outlet.queued = False
+                if outlet.behind is not None:
+                    outlet.wake()  # its own task catches up from history first
+                    continue
+                client = outlet.client
+                if not outlet.parked or client.closed or not client.buffered_bytes:
+                    continue
+                send, context = outlet.send, outlet.context
+                if send is None or context is None:
+                    outlet.wake()
+                    continue
+                chunk, count, created = client.take()
+                result = send({"type": "http.response.body", "body": chunk, "more_body": True})
+                coro = result if type(result) is CoroutineType or isinstance(result, Coroutine) else _awaiting(result)
+                try:
+                    waiting = context.run(coro.send, None)
+                except StopIteration:
+                    outlet.last_write = now
+                    events += count
+                    size += len(chunk)
+                    if created:
+                        latency = monotonic() - created
+                        if not low < latency <= high:
+                            bucket = bisect_left(LATENCY_BUCKETS, latency)
+                            low = LATENCY_BUCKETS[bucket - 1] if bucket else -1.0
+                            high = LATENCY_BUCKETS[bucket] if bucket < len(LATENCY_BUCKETS) else math.inf
+                        buckets[bucket] += 1
+                        latencies += latency
+                    continue
+                except Exception as exc:
+                    # The stream's task raises it, as if its own send had failed.
+                    outlet.handoff = Handoff(coro, None, exc, count, len(chunk), created)
+                else:
+                    outlet.handoff = Handoff(coro, waiting, None, count, len(chunk), created)
+                outlet.wake()
+        finally:
+            counters.events_sent += events
+            counters.bytes_sent += size
+            counters.latency_sum += latencies

@@ -82,12 +82,12 @@ class SSEClient:
 
     __slots__ = (
         "_buffer",
-        "_buffered",
         "_floor",
         "_floors",
         "_limit",
         "_replayed",
         "attached",
+        "buffered_bytes",
         "channels",
         "close_reason",
         "closed",
@@ -124,7 +124,8 @@ class SSEClient:
         self.close_reason: str | None = None
         self.dropped = 0
         self._buffer: list[Frame] = []
-        self._buffered = 0
+        self.buffered_bytes = 0
+        """Bytes queued for this client and not yet written (read it, do not change it)."""
         self._limit = buffer_limit
         self.overflow_policy = policy
         """What a full buffer does; the ``overflow_policy`` setting unless changed."""
@@ -156,10 +157,10 @@ class SSEClient:
         if floors is not None and frame.seq <= floors.get(frame.channel, 0):
             return
         size = len(frame.data)
-        if self._buffered + size > self._limit and not self._overflow(size):
+        if self.buffered_bytes + size > self._limit and not self._overflow(size):
             return
         self._buffer.append(frame)
-        self._buffered += size
+        self.buffered_bytes += size
         # A running stream that is not parked takes the buffer itself.
         outlet = self.outlet
         if outlet is not None and outlet.parked and not outlet.queued:
@@ -209,8 +210,8 @@ class SSEClient:
         if policy == "drop_oldest":
             buffer = self._buffer
             dropped = 0
-            while dropped < len(buffer) and self._buffered + size > self._limit:
-                self._buffered -= len(buffer[dropped].data)
+            while dropped < len(buffer) and self.buffered_bytes + size > self._limit:
+                self.buffered_bytes -= len(buffer[dropped].data)
                 dropped += 1
             del buffer[:dropped]
             self._count_drop(dropped)
@@ -242,19 +243,14 @@ class SSEClient:
         if buffer[-1].seq:
             self.taken_seq = buffer[-1].seq
         buffer.clear()
-        self._buffered = 0
+        self.buffered_bytes = 0
         return chunk, count, created
 
     def take_frames(self) -> list[Frame]:
         frames = list(self._buffer)
         self._buffer.clear()
-        self._buffered = 0
+        self.buffered_bytes = 0
         return frames
-
-    @property
-    def buffered_bytes(self) -> int:
-        """Bytes queued for this client and not yet written."""
-        return self._buffered
 
     @property
     def sending(self) -> bool:
@@ -276,7 +272,7 @@ class SSEClient:
     def _discard(self) -> None:
         """Drop what is buffered and abandon a write in progress."""
         self._buffer.clear()
-        self._buffered = 0
+        self.buffered_bytes = 0
         if self.outlet is not None:
             self.outlet.abandon()
 

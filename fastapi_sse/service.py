@@ -78,7 +78,7 @@ class SSEService:
             on_close=self._closed,
             on_presence=lambda *change: self._present.changed(*change),
         )
-        self._writer = writer = Writer(counters.sent)
+        self._writer = writer = Writer(counters)
         self._fanout = Fanout(registry, writer, counters, settings.overflow_policy)
         self._cluster = make_cluster(
             backend, registry, self._admission, self.stats, counters, self.worker_id, lambda: self._closing

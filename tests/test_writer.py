@@ -4,8 +4,11 @@ each stream's ASGI ``send`` by hand, handing sends that suspend or fail to the s
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
+import contextvars
 import gc
+import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
@@ -16,8 +19,10 @@ from sse_starlette.sse import EventSourceResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fastapi_sse import SSEClient, tune_gc
+from fastapi_sse._counters import Counters
 from fastapi_sse._writer import Outlet, Writer
 from fastapi_sse.client import Frame
+from fastapi_sse.stats import LATENCY_BUCKETS
 
 
 class AwaitingSend:
@@ -77,7 +82,7 @@ def test_a_send_that_fails_ends_only_its_own_stream() -> None:
 def test_many_parked_streams_each_get_a_broadcast() -> None:
     # More streams than the writer serves before letting other tasks run.
     async def scenario() -> None:
-        writer = Writer(lambda events, size, created: None)
+        writer = Writer(Counters())
         running = asyncio.create_task(writer.run())
         clients = []
         for n in range(600):
@@ -102,6 +107,49 @@ def test_many_parked_streams_each_get_a_broadcast() -> None:
         running.cancel()
 
     asyncio.run(scenario())
+
+
+def test_the_writer_counts_every_write_in_its_latency_bucket() -> None:
+    """Writes of frames that waited different times, interleaved: each is counted once,
+    in the bucket its own latency falls in."""
+    ages = [0.3, 3.0, 0.3, 0.06, 0.06, 30.0, 0.3] * 100  # each 40 ms or more below its bucket's top
+
+    async def scenario() -> tuple[Counters, list[bytes]]:
+        counters = Counters()
+        writer = Writer(counters)
+        running = asyncio.create_task(writer.run())
+        written: list[bytes] = []
+
+        async def send(message: Message) -> None:  # what an ASGI server's send does at once
+            written.append(message["body"])
+
+        now = time.monotonic()
+        for n, age in enumerate(ages):
+            client = SSEClient(
+                f"c{n}",
+                created_at=datetime.now(UTC),
+                last_event_id=None,
+                identity=None,
+                buffer_limit=1 << 20,
+                policy="disconnect",
+            )
+            client.outlet = outlet = Outlet(client, writer)
+            outlet.send, outlet.context, outlet.parked = send, contextvars.copy_context(), True
+            client.push(Frame(n + 1, "c", b"data: %d\n\n" % n, now - age))
+        await writer.settled()
+        running.cancel()
+        return counters, written
+
+    counters, written = asyncio.run(scenario())
+    assert written == [b"data: %d\n\n" % n for n in range(len(ages))]
+    assert counters.events_sent == len(ages)
+    assert counters.bytes_sent == sum(map(len, written))
+    expected = [0] * (len(LATENCY_BUCKETS) + 1)
+    for age in ages:  # each latency is its age and the few milliseconds of the test's run
+        low = bisect.bisect_left(LATENCY_BUCKETS, age)
+        expected[low] += 1
+    assert counters.latency_buckets == expected
+    assert sum(ages) <= counters.latency_sum < sum(ages) + len(ages) * 0.04
 
 
 def test_tune_gc_freezes_startup_objects_and_raises_thresholds() -> None:
