@@ -1,11 +1,13 @@
-"""Profile our app with py-spy during the per-user scenario and say where each event's
-time goes.
+"""Profile our app with py-spy during the per-user scenario (or the paced fan-out) and
+say where each event's time goes.
 
 ``python -m bench.profile`` starts the app as the runner does (one uvicorn worker),
 attaches ``py-spy record`` to it, runs the per-user load (each client on its own
 ``user:{k}`` channel, events to each in turn), and prints the server's CPU per event
-split into stages by the frames py-spy sampled. The flame graph and the raw stacks go
-to ``bench/results/``.
+split into stages by the frames py-spy sampled. ``--scenario paced`` profiles the
+fan-out instead (``--users`` subscribers of one channel, ``--events`` broadcasts, each
+published once the one before reached everyone); its figure is per delivery. The raw
+stacks go to ``bench/results/``.
 """
 
 from __future__ import annotations
@@ -73,16 +75,22 @@ REQUEST = "run_asgi ("
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--app", default="ours")
-    parser.add_argument("--users", type=int, default=5000)
-    parser.add_argument("--events", type=int, default=200_000)
+    parser.add_argument("--scenario", choices=("users", "paced"), default="users")
+    parser.add_argument("--users", type=int, default=None, help="clients (default 5,000; 10,000 paced)")
+    parser.add_argument("--events", type=int, default=None, help="events (default 200,000; 200 broadcasts paced)")
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = parser.parse_args()
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    raw = out / f"profile-{args.app}-users.txt"
-    spec = {"scenario": "users", "clients": args.users, "events": args.events, "interval": 0.0, "size": 64}
+    paced = args.scenario == "paced"
+    args.users = args.users or (10_000 if paced else 5000)
+    args.events = args.events or (200 if paced else 200_000)
+    raw = out / f"profile-{args.app}-{args.scenario}.txt"
+    spec: dict[str, object] = {"scenario": args.scenario, "clients": args.users, "events": args.events, "size": 64}
+    if not paced:
+        spec["interval"] = 0.0
     with server(args.app, env_for(args.app, {"HEARTBEAT": "15"}, tune_gc=True)) as port:
         stats = f"http://127.0.0.1:{port}/stats"
         pid = httpx.get(stats).json()["pid"]
@@ -117,7 +125,11 @@ def main() -> None:
     total = sum(counts.values())
     per_event = result["cpu_us_per_event"]
     print(json.dumps(result))
-    print(f"\n{args.app}, {args.users} users, {args.events} events: {per_event:.1f} us of server CPU per event")
+    what = f"{args.users} subscribers, {args.events} broadcasts" if paced else f"{args.users} users"
+    unit = "delivery" if paced else "event"
+    if not paced:
+        what += f", {args.events} events"
+    print(f"\n{args.app}, {what}: {per_event:.1f} us of server CPU per {unit}")
     print(f"{total} samples of the events' work ({requests} more in the load's HTTP requests, left out):\n")
     for stage, count in counts.most_common():
         share = count / total
