@@ -36,8 +36,22 @@ class Text(str):
     __slots__ = ()
 
 
+_CHECKED_NAMES: dict[str, bytes] = {}
+"""Event names already validated, encoded (an app uses a few names for every event)."""
+_CHECKED_NAMES_MAX = 1024
+
+
 def check_event_name(event: str) -> bytes:
     """Validate an event name and return it encoded."""
+    if type(event) is str and (encoded := _CHECKED_NAMES.get(event)) is not None:
+        return encoded
+    encoded = _check_event_name(event)
+    if len(_CHECKED_NAMES) < _CHECKED_NAMES_MAX:
+        _CHECKED_NAMES[event] = encoded
+    return encoded
+
+
+def _check_event_name(event: str) -> bytes:
     if not isinstance(event, str) or not event:
         raise InvalidEventError(f"event name must be a non-empty string, got {event!r}")
     if _FIELD_BREAK.search(event):
@@ -155,8 +169,10 @@ def frame_payload(event: bytes, text: str) -> bytes:
     The text is split at every line end a client recognises, one ``data:`` line per
     piece, so any string (a trailing newline included) arrives byte for byte.
     """
-    lines = [b"event: ", event, b"\n"]
     try:
+        if "\n" not in text and "\r" not in text:
+            return b"event: " + event + b"\ndata: " + text.encode() + b"\n"
+        lines = [b"event: ", event, b"\n"]
         for piece in _LINE_END.split(text):
             lines += (b"data: ", piece.encode(), b"\n")
     except UnicodeEncodeError as exc:

@@ -196,6 +196,23 @@ def test_unsafe_event_names_and_ids_rejected_before_anything_is_sent(
         assert stream.next_event().event == "sentinel"
 
 
+def test_event_names_past_the_checked_names_cache_are_checked_and_sent(server: Any) -> None:
+    # Checked names are remembered up to a bound: names past it are checked every time.
+    srv, sse = server
+    names = [f"kind-{n}" for n in range(1100)]
+    with open_stream(srv.url + "/subscribe", params={"channel": "many"}) as stream:
+        for start in range(0, len(names), 100):  # within the stream's buffer
+            batch = names[start : start + 100]
+            srv.call(lambda batch=batch: [sse.broadcast("many", name, 1) for name in batch])
+            assert [stream.next_event().event for _ in batch] == batch
+        for bad in ("kind-\n1100", "open", "bad\ud800"):
+            with pytest.raises(InvalidEventError):
+                sse.broadcast("many", bad, 1)
+        srv.call(sse.broadcast, "many", names[-1], "again")
+        last = stream.next_event()
+        assert (last.event, last.data) == (names[-1], '"again"')
+
+
 def test_message_event_name_is_allowed(server: Any) -> None:
     srv, sse = server
     with open_stream(srv.url + "/subscribe", params={"channel": "msg"}) as stream:

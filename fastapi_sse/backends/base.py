@@ -20,7 +20,10 @@ from typing import Protocol
 from fastapi_sse.backends._ledger import RunLedger, RunState
 
 
-@dataclass(frozen=True, slots=True)
+# Message and Publication are made for every event: not frozen, since a frozen
+# dataclass's __init__ costs about four times as much (object.__setattr__ per field).
+# Treat them as values all the same: nothing changes one once it is made.
+@dataclass(slots=True, unsafe_hash=True)
 class Message:
     """One published event as a backend stores and delivers it."""
 
@@ -55,7 +58,7 @@ class Replay:
 _next_publication_key = itertools.count(1).__next__
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Publication:
     """One event to publish, as the service hands it to :meth:`Backend.publish_many`."""
 
