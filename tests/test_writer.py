@@ -79,6 +79,21 @@ def test_a_send_that_fails_ends_only_its_own_stream() -> None:
         assert healthy.next_event().data == '"after"'
 
 
+def parked_client(client_id: str, writer: Writer) -> SSEClient:
+    """A client whose stream is parked, as the writer finds it after a stream's opening."""
+    client = SSEClient(
+        client_id,
+        created_at=datetime.now(UTC),
+        last_event_id=None,
+        identity=None,
+        buffer_limit=1 << 20,
+        policy="disconnect",
+    )
+    client.outlet = outlet = Outlet(client, writer)
+    outlet.parked = True
+    return client
+
+
 def test_many_parked_streams_each_get_a_broadcast() -> None:
     # More streams than the writer serves before letting other tasks run.
     async def scenario() -> None:
@@ -86,16 +101,7 @@ def test_many_parked_streams_each_get_a_broadcast() -> None:
         running = asyncio.create_task(writer.run())
         clients = []
         for n in range(600):
-            client = SSEClient(
-                f"c{n}",
-                created_at=datetime.now(UTC),
-                last_event_id=None,
-                identity=None,
-                buffer_limit=1 << 20,
-                policy="disconnect",
-            )
-            client.outlet = outlet = Outlet(client, writer)
-            outlet.parked = True
+            client = parked_client(f"c{n}", writer)
             clients.append(client)
         frame = Frame(1, "$all", b"data: 1\n\n")
         for client in clients:
@@ -125,16 +131,9 @@ def test_the_writer_counts_every_write_in_its_latency_bucket() -> None:
 
         now = time.monotonic()
         for n, age in enumerate(ages):
-            client = SSEClient(
-                f"c{n}",
-                created_at=datetime.now(UTC),
-                last_event_id=None,
-                identity=None,
-                buffer_limit=1 << 20,
-                policy="disconnect",
-            )
-            client.outlet = outlet = Outlet(client, writer)
-            outlet.send, outlet.context, outlet.parked = send, contextvars.copy_context(), True
+            client = parked_client(f"c{n}", writer)
+            assert client.outlet is not None
+            client.outlet.send, client.outlet.context = send, contextvars.copy_context()
             client.push(Frame(n + 1, "c", b"data: %d\n\n" % n, now - age))
         await writer.settled()
         running.cancel()
