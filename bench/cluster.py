@@ -46,7 +46,7 @@ from typing import Any
 
 from redis.crc import key_slot
 
-from bench.loadgen import raise_fd_limit
+from bench.run import load, raise_fd_limit_in_child
 from tests.helpers.redis import start_redis
 from tests.helpers.redis_cluster import RedisCluster
 from tests.helpers.servers import free_port, wait_for_port
@@ -87,10 +87,6 @@ def _show(value: float, how: str) -> str:
     return f"{value:.1f}"
 
 
-def _raise_fd_limit() -> None:
-    raise_fd_limit(65536)
-
-
 @contextmanager
 def workers(env: dict[str, str], log_path: Path, count: int = 2) -> Iterator[list[int]]:
     """``count`` uvicorn processes of the app (uvloop, httptools), each on its own port;
@@ -108,7 +104,12 @@ def workers(env: dict[str, str], log_path: Path, count: int = 2) -> Iterator[lis
                 command += ["--log-level", "warning", "--loop", "uvloop", "--http", "httptools", "--no-access-log"]
                 full_env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
                 proc = subprocess.Popen(
-                    command, cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_raise_fd_limit
+                    command,
+                    cwd=ROOT,
+                    env=full_env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    preexec_fn=raise_fd_limit_in_child,
                 )
                 procs.append(proc)
             for port, proc in zip(ports, procs, strict=True):
@@ -123,22 +124,6 @@ def workers(env: dict[str, str], log_path: Path, count: int = 2) -> Iterator[lis
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait(10)
-
-
-def load(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.cluster_load", json.dumps(spec)],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        preexec_fn=_raise_fd_limit,
-    )
-    if done.returncode:
-        raise RuntimeError(f"the load client failed in {spec['scenario']}: {done.stderr.strip()[-2000:]}")
-    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
-    return result
 
 
 def env_for(mode: str, url: str, prefix: str, args: argparse.Namespace) -> dict[str, str]:
@@ -179,7 +164,7 @@ def one_round(
         for scenario in SCENARIOS:
             spec = {**plan, "scenario": scenario, "ports": ports, "redis_ports": redis_ports}
             try:
-                results.update(load(spec, timeout=args.deadline * 3))
+                results.update(load(spec, timeout=args.deadline * 3, client="bench.cluster_load"))
             except (RuntimeError, subprocess.TimeoutExpired) as exc:
                 reason = str(exc).strip().splitlines()[-1]
                 failures.append(f"{MODES[mode]} {scenario}: {reason}")

@@ -26,6 +26,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.loadgen import raise_fd_limit  # noqa: E402
 from bench.peers import servers as peers  # noqa: E402
 from tests.helpers.redis import start_redis  # noqa: E402
 from tests.helpers.servers import free_port, wait_for_port  # noqa: E402
@@ -55,12 +56,9 @@ def most_connections(wanted: int = 20_000) -> int:
     return hard - 100
 
 
-def _raise_fd_limit() -> None:
-    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (max(hard, 65536), max(hard, 65536)))
-    except (ValueError, OSError):
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+def raise_fd_limit_in_child() -> None:
+    """``preexec_fn`` of the servers and load clients: room for tens of thousands of sockets."""
+    raise_fd_limit(65536)
 
 
 SERVER_LOG = ROOT / "bench" / "results" / "servers.log"
@@ -78,7 +76,7 @@ def server(app: str, env: dict[str, str], workers: int = 1) -> Iterator[int]:
     log.write(f"--- {app} {' '.join(command[2:])}\n".encode())
     log.flush()
     proc = subprocess.Popen(
-        command, cwd=ROOT, env=full_env, preexec_fn=_raise_fd_limit, stdout=log, stderr=subprocess.STDOUT
+        command, cwd=ROOT, env=full_env, preexec_fn=raise_fd_limit_in_child, stdout=log, stderr=subprocess.STDOUT
     )
     try:
         wait_for_port(port, deadline=30, proc=proc)
@@ -93,15 +91,16 @@ def server(app: str, env: dict[str, str], workers: int = 1) -> Iterator[int]:
         log.close()
 
 
-def load(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
+def load(spec: dict[str, Any], timeout: float, client: str = "bench.loadgen") -> dict[str, Any]:
+    """Run the load client (the module ``client``) with ``spec``; its JSON result."""
     done = subprocess.run(
-        [sys.executable, "-m", "bench.loadgen", json.dumps(spec)],
+        [sys.executable, "-m", client, json.dumps(spec)],
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
         capture_output=True,
         text=True,
         timeout=timeout,
-        preexec_fn=_raise_fd_limit,
+        preexec_fn=raise_fd_limit_in_child,
     )
     if done.returncode:
         raise RuntimeError(f"load client failed for {spec['scenario']}: {done.stderr.strip()[-2000:]}")
