@@ -8,17 +8,17 @@ import bisect
 import contextlib
 import contextvars
 import gc
-import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 import httpx
+import pytest
 from helpers.apps import fast_settings, router_app, served
 from helpers.streams import open_stream, raw_request, wait_until
 from sse_starlette.sse import EventSourceResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from fastapi_sse import SSEClient, tune_gc
+from fastapi_sse import SSEClient, _writer, tune_gc
 from fastapi_sse._counters import Counters
 from fastapi_sse._writer import Outlet, Writer
 from fastapi_sse.client import Frame
@@ -115,10 +115,13 @@ def test_many_parked_streams_each_get_a_broadcast() -> None:
     asyncio.run(scenario())
 
 
-def test_the_writer_counts_every_write_in_its_latency_bucket() -> None:
-    """Writes of frames that waited different times, interleaved: each is counted once,
-    in the bucket its own latency falls in."""
-    ages = [0.3, 3.0, 0.3, 0.06, 0.06, 30.0, 0.3] * 100  # each 40 ms or more below its bucket's top
+def test_the_writer_counts_every_write_in_its_latency_bucket(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Writes of frames that waited different times, interleaved, some exactly on a
+    bucket's bound: each is counted once, in the bucket its own latency falls in. The
+    writer's clock is held still, so that each latency is exactly the frame's age."""
+    ages = [0.3, 3.0, 0.3, 0.06, 0.05, 0.06, 30.0, 0.0, 0.3, 10.0] * 70
+    clock = 1000.0
+    monkeypatch.setattr(_writer, "monotonic", lambda: clock)
 
     async def scenario() -> tuple[Counters, list[bytes]]:
         counters = Counters()
@@ -129,12 +132,11 @@ def test_the_writer_counts_every_write_in_its_latency_bucket() -> None:
         async def send(message: Message) -> None:  # what an ASGI server's send does at once
             written.append(message["body"])
 
-        now = time.monotonic()
         for n, age in enumerate(ages):
             client = parked_client(f"c{n}", writer)
             assert client.outlet is not None
             client.outlet.send, client.outlet.context = send, contextvars.copy_context()
-            client.push(Frame(n + 1, "c", b"data: %d\n\n" % n, now - age))
+            client.push(Frame(n + 1, "c", b"data: %d\n\n" % n, clock - age))
         await writer.settled()
         running.cancel()
         return counters, written
@@ -144,11 +146,10 @@ def test_the_writer_counts_every_write_in_its_latency_bucket() -> None:
     assert counters.events_sent == len(ages)
     assert counters.bytes_sent == sum(map(len, written))
     expected = [0] * (len(LATENCY_BUCKETS) + 1)
-    for age in ages:  # each latency is its age and the few milliseconds of the test's run
-        low = bisect.bisect_left(LATENCY_BUCKETS, age)
-        expected[low] += 1
+    for age in ages:
+        expected[bisect.bisect_left(LATENCY_BUCKETS, clock - (clock - age))] += 1
     assert counters.latency_buckets == expected
-    assert sum(ages) <= counters.latency_sum < sum(ages) + len(ages) * 0.04
+    assert counters.latency_sum == pytest.approx(sum(clock - (clock - age) for age in ages))
 
 
 def test_tune_gc_freezes_startup_objects_and_raises_thresholds() -> None:
