@@ -9,7 +9,7 @@ from collections.abc import Collection
 
 from fastapi_sse import _wire as wire
 from fastapi_sse._counters import Counters
-from fastapi_sse._names import CLIENT_CHANNEL_PREFIX, CLOSE, RUN_CHANNEL_PREFIX, is_run_end
+from fastapi_sse._names import CLIENT_CHANNEL_PREFIX, CLOSE, is_run_end
 from fastapi_sse._registry import Registry
 from fastapi_sse._writer import Writer
 from fastapi_sse.backends.base import Message
@@ -42,7 +42,7 @@ class Fanout:
         frame = Frame(message.seq, message.channel, wire.frame(message.id, message.payload), time.monotonic())
         for client in list(members.values()):
             client.push(frame)
-        if message.channel.startswith(RUN_CHANNEL_PREFIX) and is_run_end(message.channel, message.payload):
+        if is_run_end(message.channel, message.payload):
             # A run's viewers end with its terminal event, once it is written.
             for client in list(members.values()):
                 self.registry.close(client, DisconnectReason.RUN_ENDED, discard=False)

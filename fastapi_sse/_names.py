@@ -102,7 +102,7 @@ RUN_END_PREFIX = b"event: " + RUN_END_EVENT.encode() + b"\n"
 
 def is_run_end(channel: str, payload: bytes) -> bool:
     """Whether a message is a run's terminal event."""
-    return payload.startswith(RUN_END_PREFIX) and channel.startswith(RUN_CHANNEL_PREFIX)
+    return channel.startswith(RUN_CHANNEL_PREFIX) and payload.startswith(RUN_END_PREFIX)
 
 
 def presence_channel(channel: str) -> str:

@@ -43,10 +43,11 @@ _CHECKED_NAMES_MAX = 1024
 
 def check_event_name(event: str) -> bytes:
     """Validate an event name and return it encoded."""
-    if type(event) is str and (encoded := _CHECKED_NAMES.get(event)) is not None:
+    exact = type(event) is str  # a str subclass (an enum) may hash differently: not kept
+    if exact and (encoded := _CHECKED_NAMES.get(event)) is not None:
         return encoded
     encoded = _check_event_name(event)
-    if len(_CHECKED_NAMES) < _CHECKED_NAMES_MAX:
+    if exact and len(_CHECKED_NAMES) < _CHECKED_NAMES_MAX:
         _CHECKED_NAMES[event] = encoded
     return encoded
 
